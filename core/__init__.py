@@ -1,0 +1,1 @@
+"""vaebm core library: models, sampling, objectives, training, tracking, evaluation."""

@@ -1,0 +1,143 @@
+"""Building blocks of the NVAE towers (NVAE paper Fig. 2-3; vaebm.md App. E uses NVAE unchanged but for the decoder).
+
+All convolutions are weight-normalized (`WNConv2d`) so that the spectral regularizer (`spectral.py`) can bound their
+Lipschitz constants; batch norms use NVAE's momentum 0.05.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BN_MOMENTUM = 0.05
+BN_EPS = 1e-5
+
+
+def batch_norm(channels: int) -> nn.BatchNorm2d:
+    """BatchNorm with NVAE's running-statistics momentum (converted to SyncBatchNorm by the trainer when distributed)."""
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class WNConv2d(nn.Conv2d):
+    """Conv2d with weight normalization: W = exp(g) * V / ||V|| per output channel (Salimans & Kingma 2016).
+
+    The log-norm `g` is initialised to log||V|| so the layer starts as a plain conv. `normalized_weight()` is what the
+    forward pass and the spectral regularizer both see.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 groups: int = 1, bias: bool = True, weight_norm: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups,
+                         bias=bias)
+        self.weight_norm = weight_norm
+        if weight_norm:
+            with torch.no_grad():
+                init = torch.log(self._direction_norm(self.weight) + 1e-2)
+            self.log_weight_norm = nn.Parameter(init)
+
+    @staticmethod
+    def _direction_norm(w: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(torch.sum(w * w, dim=(1, 2, 3), keepdim=True))
+
+    def normalized_weight(self) -> torch.Tensor:
+        if not self.weight_norm:
+            return self.weight
+        return torch.exp(self.log_weight_norm) * self.weight / (self._direction_norm(self.weight) + 1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.normalized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel gating (Hu et al. 2018) with NVAE's hidden width max(C/16, 4)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        hidden = max(channels // 16, 4)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3))))))
+        return x * gate[:, :, None, None]
+
+
+class FactorizedReduce(nn.Module):
+    """Stride-2 skip path: four shifted 1x1 stride-2 convs concatenated, so no pixel is dropped."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        quarter = c_out // 4
+        widths = [quarter, quarter, quarter, c_out - 3 * quarter]
+        self.convs = nn.ModuleList(WNConv2d(c_in, w, 1, stride=2) for w in widths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(x)
+        shifted = (x, x[:, :, 1:, 1:], x[:, :, :, 1:], x[:, :, 1:, :])
+        return torch.cat([conv(v) for conv, v in zip(self.convs, shifted)], dim=1)
+
+
+class UpsampleSkip(nn.Module):
+    """Up-sampling skip path: nearest x2 then a 1x1 conv to the new width."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = WNConv2d(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def skip_connection(c_in: int, c_out: int, stride: int) -> nn.Module:
+    """stride 1: identity, 2: factorized reduce, -1: up-sample (NVAE's convention for up cells)."""
+    if stride == 1:
+        return nn.Identity()
+    if stride == 2:
+        return FactorizedReduce(c_in, c_out)
+    if stride == -1:
+        return UpsampleSkip(c_in, c_out)
+    raise ValueError(f"stride must be 1, 2 or -1, got {stride}")
+
+
+class BNSwishConv(nn.Module):
+    """BN -> Swish -> 3x3 conv: the residual op of encoder and pre-processing cells (NVAE Fig. 3b)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.upsample = stride == -1
+        self.bn = batch_norm(c_in)
+        self.conv = WNConv2d(c_in, c_out, 3, stride=abs(stride) if stride != -1 else 1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.bn(x))
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x)
+
+
+class InvertedResidual(nn.Module):
+    """BN -> 1x1 expand -> BN-Swish -> depthwise kxk -> BN-Swish -> 1x1 project -> BN (NVAE Fig. 3a, decoder cells).
+
+    `expansion` is 6 in decoder cells and 3 in post-processing cells; the depthwise kernel is 5x5.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expansion: int, kernel_size: int = 5):
+        super().__init__()
+        hidden = c_in * expansion
+        self.upsample = stride == -1
+        self.bn_in = batch_norm(c_in)
+        self.expand = WNConv2d(c_in, hidden, 1, bias=False)
+        self.bn_expand = batch_norm(hidden)
+        self.depthwise = WNConv2d(hidden, hidden, kernel_size, stride=1 if stride == -1 else stride,
+                                  padding=kernel_size // 2, groups=hidden, bias=False)
+        self.bn_depthwise = batch_norm(hidden)
+        self.project = WNConv2d(hidden, c_out, 1, bias=False, weight_norm=False)
+        self.bn_out = batch_norm(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = self.bn_in(x)
+        x = F.silu(self.bn_expand(self.expand(x)))
+        x = F.silu(self.bn_depthwise(self.depthwise(x)))
+        return self.bn_out(self.project(x))

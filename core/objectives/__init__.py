@@ -1,0 +1,1 @@
+"""Training objectives: ELBO with KL balancing, contrastive divergence, NCE, score matching, regularizers."""
