@@ -30,6 +30,9 @@ class DiagNormal:
         """NVAE's parameterization: soft-clamped mean and log-scale, sigma floored by `min_sigma`."""
         return cls(soft_clamp(mu), torch.exp(soft_clamp(log_sigma)) + min_sigma)
 
+    def to(self, dtype: torch.dtype) -> "DiagNormal":
+        return DiagNormal(self.mu.to(dtype), self.sigma.to(dtype))
+
     def sample(self, eps: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
         """Reparameterized draw z = mu + t * sigma * eps (vaebm.md App. B); eps ~ N(0, I) if not given."""
         if eps is None:

@@ -33,6 +33,12 @@ class TowerPass:
     groups: list[LatentGroup]
     x_dist: DiagNormal  # p(x | z)
 
+    def to(self, dtype: torch.dtype) -> "TowerPass":
+        """The same pass with every tensor cast (objectives run in fp32 whatever precision the network used)."""
+        groups = [LatentGroup(g.z.to(dtype), g.prior.to(dtype), g.context.to(dtype),
+                              None if g.posterior is None else g.posterior.to(dtype)) for g in self.groups]
+        return TowerPass(groups=groups, x_dist=self.x_dist.to(dtype))
+
     @property
     def z(self) -> list[torch.Tensor]:
         return [g.z for g in self.groups]

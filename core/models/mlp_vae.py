@@ -15,7 +15,7 @@ from core.models.interface import LatentGroup, TowerPass
 from core.models.noise_space import ChooseZ, NoiseSpaceVAE
 
 
-@dataclass(frozen=True)
+@dataclass
 class MLPVAEConfig:
     data_dim: int = 2  # dimension of x
     latent_dim: int = 20  # dimension of z (20 in the papers)

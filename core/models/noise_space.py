@@ -33,6 +33,10 @@ class NoiseSpaceVAE(nn.Module, abc.ABC):
     def x_shape(self) -> tuple[int, ...]:
         """Data shape without batch."""
 
+    def forward(self, x: torch.Tensor) -> TowerPass:
+        """The training pass: encode x and sample z ~ q(z|x) (what the DeepSpeed engine calls)."""
+        return self.posterior(x)
+
     def _like(self) -> torch.Tensor:
         return next(self.parameters())
 

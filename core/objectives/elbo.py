@@ -16,7 +16,7 @@ from core.models.interface import TowerPass
 from core.models.distributions import sum_except_batch
 
 
-@dataclass(frozen=True)
+@dataclass
 class ELBOConfig:
     kl_anneal_portion: float = 0.3  # fraction of training over which the KL coefficient rises linearly to 1
     kl_const_portion: float = 1e-4  # fraction of training at the start with the KL coefficient held at its minimum

@@ -1,0 +1,121 @@
+"""Process-group setup, per-rank seeding and the few collectives the trainers need.
+
+Works the same under the `deepspeed` launcher, `torchrun` and plain `python` (one rank): the launchers export
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them this process becomes a world of one.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int  # global rank
+    world_size: int  # number of ranks
+    local_rank: int  # rank on this node (selects the GPU)
+    device: torch.device  # cuda:<local_rank> when GPUs are present, else cpu
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_rank() -> int:
+    """This process's rank as the launcher set it (0 when run without a launcher); valid before init."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Initialise the default process group (NCCL on GPUs, gloo on CPUs) with a collective timeout.
+
+    The timeout bounds how long survivors wait on a dead peer: a killed rank makes the whole job exit instead of hang.
+    """
+    if "WORLD_SIZE" not in os.environ:  # plain `python`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        import deepspeed  # deferred: importing deepspeed probes accelerators, which costs seconds
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                   verbose=False)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed from (seed, keys...) that differs for every key tuple (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def seed_everything(seed: int, rank: int, step: int) -> None:
+    """Reseed torch (CPU and CUDA), numpy and Python `random` from (seed, rank, step).
+
+    Reseeding every step makes a resumed run draw exactly the noise an uninterrupted one would, and distinct ranks
+    never draw identical noise (DESIGN.md "Per-rank randomness").
+    """
+    s = derive_seed(seed, rank, step)
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+
+def rng_state() -> dict:
+    """Every RNG stream of this process, for checkpoints."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place and returned); identity in a world of one or without a process group."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """True only if `flag` holds on every rank: ranks take the same branch, so collectives cannot deadlock."""
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    return all_reduce_sum(t).item() == 0.0
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s Python object on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

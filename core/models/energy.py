@@ -1,0 +1,216 @@
+"""Energy networks E_psi(x) of VAEBM (vaebm.md App. E, Table 7) and their data-dependent initialization.
+
+Images: 3x3 conv stem -> Swish -> ResBlocks (Table 7) -> global sum pooling -> linear -> scalar energy.
+2-D toy data: a weight-normalized Swish MLP -> scalar. There is no batch norm anywhere, so a sample's energy never
+depends on the rest of its batch (Langevin drifts are per-sample; DESIGN.md "Seams").
+
+Weight normalization with data-dependent init replaces Du & Mordatch's spectral normalization (App. E, change 2);
+the spectral *regularizer* (`spectral_penalty`, coefficient alpha_s = 0.2, 0.3 on CelebA-HQ) still bounds the convs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core.dist import all_reduce_sum
+from core.models.energy_blocks import ACTIVATIONS, EnergyResBlock, Swish, WNLinear
+from core.models.layers import WNConv2d
+from core.models.spectral import SpectralRegularizer
+
+# vaebm.md Table 7: (output width as a multiple of base_channels, down-samples?) per ResBlock, after a 3x3 conv stem
+# of width base_channels. Down blocks halve the resolution with 2x2 average pooling; every preset ends at 4x4.
+TABLE7_BLOCKS: dict[str, tuple[tuple[int, bool], ...]] = {
+    "cifar10": ((1, True), (1, False), (2, True), (2, False), (2, True), (2, False)),
+    "celeba64": ((1, True), (2, True), (2, False), (2, True), (4, False), (4, True), (4, False)),
+    "lsun_church64": ((1, True), (1, False), (2, True), (2, False), (2, False), (2, True), (4, False), (4, False),
+                      (4, True), (4, False)),
+    "celebahq256": ((1, True), (1, False), (2, True), (2, True), (2, False), (4, True), (4, False), (4, True),
+                    (4, False), (8, True), (8, False)),
+}
+ARCHS = (*TABLE7_BLOCKS, "mlp")
+
+
+@dataclass
+class EnergyNetConfig:
+    arch: str = "cifar10"  # "cifar10" | "celeba64" | "lsun_church64" | "celebahq256" (Table 7) | "mlp" (2-D data)
+    image_size: int = 32  # height = width of the input images; forward rejects other sizes (unused for mlp)
+    in_channels: int = 3  # image channels
+    base_channels: int = 128  # stem width; Table 7 widths are 1x/2x/4x/8x this (official n_channel: 128 CIFAR, else 64)
+    swish: str = "swish"  # "swish": x*sigmoid(x) (paper) | "swish_official": x*sigmoid(x)/1.1 (VAEBM's code)
+    data_dim: int = 2  # mlp only: dimension D of the (B, D) inputs
+    hidden: int = 128  # mlp only: width of every hidden layer
+    num_layers: int = 3  # mlp only: number of hidden (weight-normalized linear + Swish) layers
+    weight_norm: bool = True  # weight-normalize every conv/linear (needed by data_dependent_init)
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.swish not in ACTIVATIONS:
+            raise ValueError(f"swish must be one of {ACTIVATIONS}, got {self.swish!r}")
+        if self.arch == "mlp":
+            if min(self.data_dim, self.hidden, self.num_layers) < 1:
+                raise ValueError("mlp needs data_dim, hidden and num_layers >= 1")
+            return
+        if min(self.in_channels, self.base_channels) < 1:
+            raise ValueError("in_channels and base_channels must be >= 1")
+        downs = sum(down for _, down in TABLE7_BLOCKS[self.arch])
+        if self.image_size % (2 ** downs) != 0:
+            raise ValueError(f"{self.arch} down-samples {downs} times: image_size must be a multiple of {2 ** downs}, "
+                             f"got {self.image_size}")
+
+
+PRESETS: dict[str, EnergyNetConfig] = {
+    "cifar10": EnergyNetConfig(arch="cifar10", image_size=32, base_channels=128),
+    "celeba64": EnergyNetConfig(arch="celeba64", image_size=64, base_channels=64),
+    "lsun_church64": EnergyNetConfig(arch="lsun_church64", image_size=64, base_channels=64),
+    "celebahq256": EnergyNetConfig(arch="celebahq256", image_size=256, base_channels=64),
+    "mlp": EnergyNetConfig(arch="mlp", data_dim=2, hidden=128, num_layers=3),
+}
+
+
+def energy_preset(name: str, **overrides) -> EnergyNetConfig:
+    """A fresh copy of a named preset with field overrides; unknown names and fields are clear errors."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown energy preset {name!r}; choose one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(EnergyNetConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise KeyError(f"unknown EnergyNetConfig field(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    cfg = dataclasses.replace(PRESETS[name], **overrides)
+    cfg.validate()
+    return cfg
+
+
+def energy_config_from_dict(values: dict) -> EnergyNetConfig:
+    """Build from a config mapping: `preset` plus field overrides (same convention as the NVAE configs)."""
+    values = dict(values)
+    if "preset" not in values:
+        raise KeyError("energy config needs a 'preset' key naming one of " + ", ".join(sorted(PRESETS)))
+    return energy_preset(values.pop("preset"), **values)
+
+
+class EnergyNet(nn.Module):
+    """E_psi(x) -> Tensor[B]; images in [-1, 1] NCHW, or (B, D) points for arch="mlp"."""
+
+    def __init__(self, config: EnergyNetConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.act = Swish(config.swish)
+        wn = config.weight_norm
+        if config.arch == "mlp":
+            widths = [config.data_dim] + [config.hidden] * config.num_layers
+            self.hidden_layers = nn.ModuleList(WNLinear(a, b, weight_norm=wn) for a, b in zip(widths, widths[1:]))
+            self.head = WNLinear(config.hidden, 1, weight_norm=wn)
+            penalized = list(self.hidden_layers)  # the MLP's analogue of "every conv" (the head is left out too)
+        else:
+            c = config.base_channels
+            self.stem = WNConv2d(config.in_channels, c, 3, padding=1, weight_norm=wn)
+            blocks, c_in = [], c
+            for mult, down in TABLE7_BLOCKS[config.arch]:
+                blocks.append(EnergyResBlock(c_in, mult * c, down, swish=config.swish, weight_norm=wn))
+                c_in = mult * c
+            self.blocks = nn.ModuleList(blocks)
+            self.head = WNLinear(c_in, 1, weight_norm=wn)
+            penalized = [m for m in self.modules() if isinstance(m, WNConv2d)]  # every conv, as in App. E
+        self.spectral = SpectralRegularizer(penalized)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.arch == "mlp":
+            if x.dim() != 2 or x.shape[1] != cfg.data_dim:
+                raise ValueError(f"mlp energy expects (B, {cfg.data_dim}) inputs, got {tuple(x.shape)}")
+            h = x
+            for layer in self.hidden_layers:
+                h = self.act(layer(h))
+            return self.head(h).squeeze(1)
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels or x.shape[2:] != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"{cfg.arch} energy expects (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}) "
+                             f"inputs, got {tuple(x.shape)}")
+        h = self.act(self.stem(x))
+        for block in self.blocks:
+            h = block(h)
+        # global *sum* pooling (Table 7): the energy scales with image area, like a sum of per-pixel terms
+        return self.head(h.sum(dim=(2, 3))).squeeze(1)
+
+    def spectral_penalty(self) -> torch.Tensor:
+        """Sum of spectral norms of every conv (hidden linears for mlp), one batched power-iteration step.
+
+        vaebm.md App. E: added to the CD loss with coefficient alpha_s (0.2; 0.3 for CelebA-HQ 256).
+        """
+        return self.spectral()
+
+
+def wn_layers(module: nn.Module) -> list[nn.Module]:
+    """Weight-normalized layers of `module` in registration order (the order data_dependent_init reports them)."""
+    return [m for m in module.modules() if isinstance(m, (WNConv2d, WNLinear)) and m.weight_norm]
+
+
+def _direction_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Layer output with g = 0 and no bias, i.e. with weight V / (||V|| + 1e-5) exactly as normalized_weight uses."""
+    if isinstance(layer, WNConv2d):
+        v = layer.weight / (layer._direction_norm(layer.weight) + 1e-5)
+        return F.conv2d(x, v, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    v = layer.weight / (layer._direction_norm(layer.weight) + 1e-5)
+    return F.linear(x, v)
+
+
+def _global_channel_moments(y: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (population) variance over every other axis and over all ranks, in float64.
+
+    Two all-reduces (sums and counts, then centred squares) give the moments of the concatenated global batch, so the
+    init equals a single-process init on that batch whatever the split (averaging per-rank std, as VAEBM's code does,
+    would not).
+    """
+    y = y.movedim(channel_dim, 0).reshape(y.shape[channel_dim], -1).double()
+    first = torch.cat([y.sum(dim=1), torch.tensor([float(y.shape[1])], dtype=torch.float64, device=y.device)])
+    all_reduce_sum(first)
+    mean = first[:-1] / first[-1]
+    second = ((y - mean[:, None]) ** 2).sum(dim=1)
+    all_reduce_sum(second)
+    return mean, second / first[-1]
+
+
+def _broadcast_from_rank0(module: nn.Module) -> None:
+    """Make every rank start from rank 0's parameters: with different V, identical moments would not suffice."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+@torch.no_grad()
+def data_dependent_init(net: nn.Module, x_batch: torch.Tensor, init_scale: float = 1.0, eps: float = 1e-6) -> None:
+    """Salimans & Kingma (2016) data-dependent init of every weight-normalized layer, layer by layer, on all ranks.
+
+    One forward pass on `x_batch` (this rank's share of the init batch). A pre-hook on each WN layer sees the layer's
+    input as produced by the already-initialised layers before it, computes y = (V/||V||) * x, and sets
+        g = log(init_scale / std[y]),   b = -mean[y] * init_scale / std[y]
+    so the layer's output exp(g) * y + b has per-channel mean 0 and std `init_scale` on the global batch. The moments
+    are all-reduced over ranks (when torch.distributed is initialised), and rank 0's weights are broadcast first, so
+    every rank ends with identical weights. VAEBM's code uses init_scale = 0.2 (it divides by 5 * std); the default 1
+    is the paper's unit variance. Collective: every rank must call it.
+    """
+    _broadcast_from_rank0(net)
+    layers = wn_layers(net)
+    if not layers:
+        raise ValueError("data_dependent_init needs weight-normalized layers (EnergyNetConfig.weight_norm=True)")
+
+    def init_layer(layer: nn.Module, inputs: tuple) -> None:
+        y = _direction_output(layer, inputs[0])
+        mean, var = _global_channel_moments(y, channel_dim=1 if isinstance(layer, WNConv2d) else -1)
+        inv_std = init_scale / torch.sqrt(var + eps)
+        layer.log_weight_norm.copy_(torch.log(inv_std).reshape(layer.log_weight_norm.shape))
+        if layer.bias is not None:
+            layer.bias.copy_(-mean * inv_std)
+
+    handles = [layer.register_forward_pre_hook(init_layer) for layer in layers]
+    try:
+        net(x_batch)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,1 @@
+"""Training: one loop, the stage jobs, checkpoints, engine construction, typed configs."""

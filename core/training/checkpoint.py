@@ -1,0 +1,110 @@
+"""Atomic, implicit-resume checkpoints around `engine.save_checkpoint` (DESIGN.md "Resume is implicit").
+
+Layout under <run_dir>/checkpoints/:
+    nimg-000000640/         one complete checkpoint (DeepSpeed files + rank<r>.pt per rank)
+    latest                  the tag of the newest complete checkpoint
+    .partial-nimg-.../      a checkpoint being written; never read, removed on the next save
+
+A checkpoint becomes visible only by a rename after every rank has finished writing, and `latest` is replaced
+atomically, so a job killed at any instant resumes from the last complete checkpoint. The run directory must be on a
+filesystem every rank sees (a shared volume on multi-node jobs).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core import dist as vdist
+
+log = logging.getLogger("vaebm.checkpoint")
+LATEST = "latest"
+
+
+def tag_for(cur_nimg: int) -> str:
+    return f"nimg-{cur_nimg:012d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path, keep: int, rank: int, world_size: int):
+        self.root = run_dir / "checkpoints"
+        self.keep = keep
+        self.rank = rank
+        self.world_size = world_size
+
+    def latest_tag(self) -> str | None:
+        marker = self.root / LATEST
+        if not marker.is_file():
+            return None
+        tag = marker.read_text().strip()
+        return tag if (self.root / tag).is_dir() else None
+
+    def save(self, engine, cur_nimg: int, client_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+        """Collective: every rank calls it. `rank_state` is this rank's own state (RNG streams, data cursor)."""
+        tag = tag_for(cur_nimg)
+        partial = self.root / f".partial-{tag}"
+        if self.rank == 0:
+            for stale in self.root.glob(".partial-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            partial.mkdir(parents=True, exist_ok=True)
+        vdist.barrier()
+        engine.save_checkpoint(str(partial), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rank_state, partial / tag / f"rank{self.rank}.pt")
+        vdist.barrier()  # every rank's files are on disk before the checkpoint is published
+        final = self.root / tag
+        if self.rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial / tag, final)
+            _write_atomic(self.root / LATEST, tag)
+            shutil.rmtree(partial, ignore_errors=True)
+            self._prune()
+        vdist.barrier()
+        return final
+
+    def load(self, engine) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Restore the newest complete checkpoint into `engine`; returns (client_state, this rank's state) or None."""
+        tag = self.latest_tag()
+        if tag is None:
+            return None
+        path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"checkpoint {self.root / tag} could not be loaded")
+        rank_file = self.root / tag / f"rank{self.rank}.pt"
+        if rank_file.is_file():
+            rank_state = torch.load(rank_file, weights_only=False)  # our own file: RNG states hold numpy objects
+        else:
+            log.warning("no %s (resumed with a different world size?): per-step reseeding keeps runs reproducible "
+                        "per rank count", rank_file.name)
+            rank_state = {}
+        return client_state, rank_state
+
+    def _prune(self) -> None:
+        tags = sorted(p.name for p in self.root.glob("nimg-*") if p.is_dir())
+        for old in tags[: max(len(tags) - self.keep, 0)]:
+            shutil.rmtree(self.root / old, ignore_errors=True)
+
+
+RUN_IDS = "mlflow_runs.json"
+
+
+def save_run_ids(run_dir: Path, parent: str | None, stage: str | None) -> None:
+    """Rank 0: remember the MLflow runs of this run directory, so a resumed job keeps logging into them."""
+    _write_atomic(run_dir / RUN_IDS, json.dumps({"parent": parent, "stage": stage}))
+
+
+def load_run_ids(run_dir: Path) -> dict[str, str | None]:
+    path = run_dir / RUN_IDS
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,40 @@
+"""What every launcher does before handing over to its job function: strip launcher arguments, compose and
+validate the config (one clear line and exit code 2 on error, before any distributed work), set up logging, and
+answer `dry_run=true`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+from core.dist import env_rank
+from core.training.config import ConfigError, compose, strip_launcher_args
+
+EXIT_CONFIG_ERROR = 2
+
+
+def setup_logging() -> None:
+    """INFO on rank 0, warnings only elsewhere, so an N-rank job prints one log."""
+    level = logging.INFO if env_rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank{env_rank()}] %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vaebm/torch_extensions"))
+
+
+def run_job(schema: type, config_name: str, argv: list[str], job: Callable[[Any, dict], Any],
+            describe: Callable[[Any, dict], str]) -> int:
+    try:
+        config, resolved = compose(schema, config_name, strip_launcher_args(argv))
+    except ConfigError as err:
+        if env_rank() == 0:
+            print(f"config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if config.dry_run:
+        if env_rank() == 0:
+            print(describe(config, resolved))
+        return 0
+    setup_logging()
+    job(config, resolved)
+    return 0

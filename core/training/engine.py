@@ -1,0 +1,63 @@
+"""DeepSpeed engine construction from the typed config. DeepSpeed wraps the trained network only.
+
+Every DeepSpeed setting whose default changed between releases is written out explicitly, so a version bump cannot
+silently change training (gradient clipping's default became 1.0 in 0.19.3).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from core.training.config import EngineConfig, OptimConfig
+
+
+def deepspeed_config(engine: EngineConfig, batch_size: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config (as a dict) for one micro-batch per step and no gradient accumulation."""
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": batch_size,
+        "train_batch_size": batch_size * world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": float(engine.gradient_clipping),
+        "steps_per_print": 2**62,  # our loop reports; keep DeepSpeed's own step printing off
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,  # a torch optimizer (Adamax/Adam) is passed in on purpose
+        "zero_optimization": {"stage": engine.zero_stage},
+        "bf16": {"enabled": engine.precision == "bf16"},
+        "fp16": {"enabled": engine.precision == "fp16", "initial_scale_power": engine.initial_loss_scale_power,
+                 "loss_scale": 0, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "checkpoint": {"tag_validation": "Warn"},
+    }
+    return cfg
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, lr_min: float) -> float:
+    """Learning-rate factor (relative to `lr`): linear warm-up, then cosine decay to lr_min (NVAE's schedule)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    t = min(max(step - warmup_steps, 0) / span, 1.0)
+    return (lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * t))) / lr
+
+
+def adamax(optim: OptimConfig):
+    """NVAE's optimizer (Adamax) as a factory of parameters."""
+    return lambda params: torch.optim.Adamax(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                             weight_decay=optim.weight_decay)
+
+
+def build_engine(model: torch.nn.Module, optim: OptimConfig, engine: EngineConfig, batch_size: int,
+                 world_size: int, total_steps: int, optimizer_factory=None):
+    """(engine, optimizer, scheduler). A plain torch optimizer is passed in, avoiding a fused-op JIT build on CPU."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (optimizer_factory or adamax(optim))(params)
+    warmup_steps = math.ceil(optim.warmup_nimg / (batch_size * world_size))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, optim.lr, optim.lr_min))
+    eng, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(engine, batch_size, world_size))
+    return eng, optimizer, scheduler

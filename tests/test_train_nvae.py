@@ -1,0 +1,159 @@
+"""Stage-1 job end to end: the real `deepspeed` launcher with 2 CPU ranks, a real MLflow server, real shards.
+
+Covers: dry runs of every preset, config errors before any rank works, bit-identical resume after kill -9, the
+registry round trip, and a tracking server that dies mid-run without stopping training.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.models import NVAE, nvae_config_from_dict
+from core.tracking import load_registered_model
+from core.training.cli import run_job
+from core.training.config import Stage1Config
+from core.training.stage1 import describe, train_nvae
+from mlflow_server import mlflow_server  # noqa: F401  (pytest fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["experiment=quickstart", "nvae.image_size=16", "nvae.num_channels_enc=8", "nvae.num_channels_dec=8",
+         "dataset.size=16", "loop.batch_size=4", "loop.total_nimg=64", "loop.checkpoint_every_nimg=32",
+         "loop.report_every_nimg=16", "loop.sample_every_nimg=32", "loop.sample_count=4", "loop.progress_bar=false",
+         "loader.num_workers=0", "run.dist_timeout_s=60"]
+
+
+def _env(tmp_path: Path, tracking_uri: str | None) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", VAEBM_DATA_CACHE=str(tmp_path / "data-cache"),
+               PYTHONPATH=str(ROOT), TORCH_EXTENSIONS_DIR=str(Path.home() / ".cache/vaebm/torch_extensions"))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
+
+
+def _deepspeed(args: list[str], tmp_path: Path, tracking_uri: str | None, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+           str(_free_port()), str(ROOT / "launchers/train_nvae.py"), *args]
+    return subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path, tracking_uri), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    bundle, state = load_registered_model(str(run_dir / "model"))
+    assert bundle["kind"] == "nvae"
+    return state
+
+
+@pytest.mark.parametrize("experiment, preset", [("quickstart", "tiny"), ("cifar10", "cifar10"),
+                                                ("celeba64", "celeba64"), ("lsun_church64", "lsun_church64"),
+                                                ("celebahq256", "celebahq256")])
+def test_dry_run_every_preset(experiment, preset, capsys):
+    assert run_job(Stage1Config, "train_nvae", [f"experiment={experiment}", "dry_run=true"], train_nvae,
+                   describe) == 0
+    out = capsys.readouterr().out
+    assert f"experiment: {experiment}" in out and f"preset: {preset}" in out
+    total = int(out.strip().splitlines()[-1].split()[-1].replace(",", ""))
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in NVAE(nvae_config_from_dict({"preset": preset})).parameters())
+    assert total == expected
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loop.total_nimg=abc", "total_nimg"),
+    ("loop.totl_nimg=5", "totl_nimg"),
+    ("engine.precision=fp8", "engine.precision"),
+    ("experiment=imagenet", "imagenet"),
+    ("nvae.image_size=30", "divisible"),
+])
+def test_invalid_config_fails_with_one_line_before_ranks_work(override, message, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "launchers/train_nvae.py"), override, "--local_rank=0"],
+                          cwd=tmp_path, env=_env(tmp_path, None), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("config error:") and message in lines[0], proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.integration
+def test_two_rank_training_resume_registry_and_tracking_outage(tmp_path, mlflow_server):  # noqa: F811
+    # 1. uninterrupted run to 64 images, tracked by the real server; the model lands in the registry
+    run_a = tmp_path / "a"
+    _finish(_deepspeed([*SMALL, f"run.dir={run_a}"], tmp_path, mlflow_server.uri))
+    weights_a = _final_weights(run_a)
+    bundle, registered = load_registered_model("models:/nvae-digits@latest", tracking_uri=mlflow_server.uri)
+    assert bundle["nvae"]["image_size"] == 16
+    assert registered.keys() == weights_a.keys()
+    assert all(torch.equal(registered[k], weights_a[k]) for k in weights_a)
+    model = NVAE(nvae_config_from_dict({"preset": "tiny", **{k: v for k, v in bundle["nvae"].items()}}))
+    model.load_state_dict(registered, strict=True)
+    assert (run_a / "samples").is_dir() and any((run_a / "samples").glob("*.png"))
+
+    # 2. same command, killed with SIGKILL once the first checkpoint exists, then re-run: bit-identical weights
+    run_b = tmp_path / "b"
+    proc = _deepspeed([*SMALL, f"run.dir={run_b}"], tmp_path, None)
+    deadline = time.time() + 240
+    while not (run_b / "checkpoints" / "latest").exists():
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_b / "model").exists()
+    out = _finish(_deepspeed([*SMALL, f"run.dir={run_b}"], tmp_path, None))
+    assert "resuming from nimg-000000000032" in out
+    weights_b = _final_weights(run_b)
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), "resume is not bit-identical"
+
+    # 3. the tracking server dies mid-run: training still finishes and writes its model
+    run_c = tmp_path / "c"
+    proc = _deepspeed([*SMALL, f"run.dir={run_c}", "tracking.flush_timeout_s=2"], tmp_path, mlflow_server.uri)
+    while not (run_c / "checkpoints" / "latest").exists():
+        assert proc.poll() is None and time.time() < deadline + 240
+        time.sleep(0.05)
+    mlflow_server.stop()
+    _finish(proc)
+    weights_c = _final_weights(run_c)
+    assert all(torch.equal(weights_a[k], weights_c[k]) for k in weights_a)
+    config = json.loads((run_c / "config.json").read_text())
+    assert config["loop"]["total_nimg"] == 64
+
+
+@pytest.mark.integration
+def test_a_killed_rank_ends_the_whole_job(tmp_path):
+    import psutil
+
+    run_dir = tmp_path / "k"
+    proc = _deepspeed([*SMALL, f"run.dir={run_dir}", "loop.total_nimg=100000", "tracking.enabled=false"],
+                      tmp_path, None)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "latest").exists():  # both ranks are past setup and training
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if any("--local_rank=1" in a for a in p.cmdline())]
+    assert len(workers) == 1
+    workers[0].kill()
+    proc.communicate(timeout=120)  # raises TimeoutExpired if the surviving rank hangs
+    assert proc.returncode != 0
