@@ -39,9 +39,11 @@ def _env(tmp_path: Path, tracking_uri: str | None) -> dict[str, str]:
     return env
 
 
-def _deepspeed(args: list[str], tmp_path: Path, tracking_uri: str | None, **kw) -> subprocess.Popen:
+def _deepspeed(args: list[str], tmp_path: Path, tracking_uri: str | None, script: str = "launchers/train_nvae.py",
+               **kw) -> subprocess.Popen:
+    """`deepspeed --num_gpus 2 <script> args...`: two CPU ranks (gloo), in its own process group."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-           str(_free_port()), str(ROOT / "launchers/train_nvae.py"), *args]
+           str(_free_port()), str(ROOT / script), *args]
     return subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path, tracking_uri), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 

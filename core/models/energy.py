@@ -46,6 +46,7 @@ class EnergyNetConfig:
     hidden: int = 128  # mlp only: width of every hidden layer
     num_layers: int = 3  # mlp only: number of hidden (weight-normalized linear + Swish) layers
     weight_norm: bool = True  # weight-normalize every conv/linear (needed by data_dependent_init)
+    init_scale: float = 0.2  # data-dependent init output std per layer (VAEBM's code: 1/5; Salimans & Kingma: 1)
 
     def validate(self) -> None:
         if self.arch not in ARCHS:

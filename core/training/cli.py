@@ -24,9 +24,9 @@ def setup_logging() -> None:
 
 
 def run_job(schema: type, config_name: str, argv: list[str], job: Callable[[Any, dict], Any],
-            describe: Callable[[Any, dict], str]) -> int:
+            describe: Callable[[Any, dict], str], experiment_group: str = "experiment") -> int:
     try:
-        config, resolved = compose(schema, config_name, strip_launcher_args(argv))
+        config, resolved = compose(schema, config_name, strip_launcher_args(argv), experiment_group)
     except ConfigError as err:
         if env_rank() == 0:
             print(f"config error: {err}", file=sys.stderr)

@@ -1,0 +1,12 @@
+"""Sampling for stage 2: one Langevin implementation, the VAEBM ε-space targets, the cross-rank replay buffer."""
+from core.sampling.langevin import (LangevinConfig, LangevinResult, Potential, autocast_context, energy_and_grad,
+                                    frozen, langevin_update, run_langevin)
+from core.sampling.replay_buffer import ReplayBuffer, ReplayBufferConfig, replay_probability
+from core.sampling.rng import rank_generator
+from core.sampling.targets import TARGET_MODES, join_state, make_vaebm_potential, split_state
+
+__all__ = [
+    "LangevinConfig", "LangevinResult", "Potential", "autocast_context", "energy_and_grad", "frozen",
+    "langevin_update", "run_langevin", "ReplayBuffer", "ReplayBufferConfig", "replay_probability",
+    "rank_generator", "TARGET_MODES", "join_state", "make_vaebm_potential", "split_state",
+]

@@ -1,0 +1,197 @@
+"""Energy networks: Table 7 structure, per-sample energies, activations, spectral penalty, data-dependent init."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from core.models.energy import (EnergyNet, EnergyNetConfig, data_dependent_init, energy_config_from_dict,
+                                energy_preset, wn_layers)
+from core.models.energy_blocks import Swish, WNLinear
+from core.models.layers import WNConv2d
+
+# vaebm.md Table 7, transcribed in absolute widths (README n_channel: 128 for CIFAR-10, 64 otherwise):
+# stem width, then (width, down) per ResBlock.
+TABLE7 = {
+    "cifar10": (128, [(128, True), (128, False), (256, True), (256, False), (256, True), (256, False)]),
+    "celeba64": (64, [(64, True), (128, True), (128, False), (128, True), (256, False), (256, True), (256, False)]),
+    "lsun_church64": (64, [(64, True), (64, False), (128, True), (128, False), (128, False), (128, True),
+                           (256, False), (256, False), (256, True), (256, False)]),
+    "celebahq256": (64, [(64, True), (64, False), (128, True), (128, True), (128, False), (256, True), (256, False),
+                         (256, True), (256, False), (512, True), (512, False)]),
+}
+RESOLUTION = {"cifar10": 32, "celeba64": 64, "lsun_church64": 64, "celebahq256": 256}
+
+
+def _structure(net: EnergyNet):
+    blocks = [(b.conv2.out_channels, b.down) for b in net.blocks]
+    return net.stem.out_channels, blocks
+
+
+@pytest.mark.parametrize("name", sorted(TABLE7))
+def test_presets_match_table7_and_run_at_their_resolution(name):
+    cfg = energy_preset(name)
+    assert cfg.image_size == RESOLUTION[name]
+    meta = name == "celebahq256"  # a 256x256 forward on CPU is slow: check shapes on the meta device
+    with torch.device("meta" if meta else "cpu"):
+        net = EnergyNet(cfg)
+        x = torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1
+        features = []
+        net.blocks[-1].register_forward_hook(lambda m, i, o: features.append(o.shape))
+        energy = net(x)
+    stem, blocks = _structure(net)
+    assert (stem, blocks) == TABLE7[name]
+    assert energy.shape == (2,)
+    assert net.head.in_features == blocks[-1][0] and net.head.out_features == 1
+    downs = sum(d for _, d in blocks)
+    assert features[0][2:] == (cfg.image_size // 2 ** downs,) * 2 == (4, 4)  # Table 7 nets all end at 4x4
+    # shortcut: identity unless the width changes or the block down-samples (then a 1x1 conv)
+    c_in = stem
+    for block, (c_out, down) in zip(net.blocks, blocks):
+        assert (block.skip is None) == (c_in == c_out and not down)
+        c_in = c_out
+    if not meta:
+        assert torch.isfinite(energy).all()
+
+
+def test_mlp_preset_and_config_from_dict():
+    net = EnergyNet(energy_preset("mlp"))
+    assert net(torch.randn(5, 2)).shape == (5,)
+    assert len(net.hidden_layers) == 3 and all(isinstance(m, WNLinear) for m in net.hidden_layers)
+    cfg = energy_config_from_dict({"preset": "celeba64", "base_channels": 8, "swish": "swish_official"})
+    assert (cfg.arch, cfg.base_channels, cfg.image_size, cfg.swish) == ("celeba64", 8, 64, "swish_official")
+    with pytest.raises(KeyError):
+        energy_preset("cifar10", n_channel=3)
+    with pytest.raises(ValueError):
+        EnergyNet(EnergyNetConfig(arch="cifar10", image_size=20))  # 3 down-samplings need a multiple of 8
+    with pytest.raises(ValueError):
+        EnergyNet(energy_preset("cifar10", base_channels=4))(torch.randn(1, 3, 64, 64))  # wrong resolution
+
+
+@pytest.mark.parametrize("name", ["cifar10", "mlp"])
+def test_energy_of_a_sample_does_not_depend_on_the_batch(name):
+    cfg = energy_preset(name, base_channels=8) if name != "mlp" else energy_preset("mlp", hidden=16)
+    net = EnergyNet(cfg)
+    x = torch.randn(6, 2) if name == "mlp" else torch.rand(6, 3, 32, 32) * 2 - 1
+    data_dependent_init(net, x)
+    batch = net(x)
+    alone = torch.cat([net(x[i:i + 1]) for i in range(6)])
+    torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-5)
+    shuffled = net(torch.cat([x[3:], torch.randn_like(x[:3])]))  # other batch-mates, same samples
+    torch.testing.assert_close(shuffled[:3], batch[3:], rtol=1e-5, atol=1e-5)
+
+
+def test_swish_variants():
+    x = torch.linspace(-6, 6, 101)
+    torch.testing.assert_close(Swish("swish")(x), x * torch.sigmoid(x))
+    torch.testing.assert_close(Swish("swish_official")(x), x * torch.sigmoid(x) / 1.1)
+    with pytest.raises(ValueError):
+        Swish("relu")
+
+
+@pytest.mark.parametrize("variant,scale", [("swish", 1.0), ("swish_official", 1 / 1.1)])
+def test_network_applies_the_configured_activation(variant, scale):
+    net = EnergyNet(energy_preset("mlp", hidden=8, num_layers=1, swish=variant))
+    x = torch.randn(4, 2)
+    layer = net.hidden_layers[0]
+    h = F.linear(x, layer.normalized_weight(), layer.bias)
+    expected = F.linear(h * torch.sigmoid(h) * scale, net.head.normalized_weight(), net.head.bias).squeeze(1)
+    torch.testing.assert_close(net(x), expected)
+
+
+def test_spectral_penalty_covers_every_conv_and_is_differentiable():
+    net = EnergyNet(energy_preset("celeba64", base_channels=4))
+    convs = [m for m in net.modules() if isinstance(m, WNConv2d)]
+    # stem + 2 per block + one 1x1 shortcut per block that changes width or down-samples
+    assert len(convs) == 1 + 2 * 7 + 5
+    assert net.spectral._layers == convs
+    for _ in range(10):
+        penalty = net.spectral_penalty()
+    exact = sum(torch.linalg.matrix_norm(c.normalized_weight().detach().reshape(c.out_channels, -1), 2) for c in convs)
+    torch.testing.assert_close(penalty.detach(), exact, rtol=2e-2, atol=0)
+    penalty.backward()
+    assert net.stem.log_weight_norm.grad is not None and net.head.weight.grad is None  # the head is not penalized
+    assert "spectral.u0" in net.state_dict()  # power-iteration vectors are checkpointed
+
+
+def _wn_outputs(net, x):
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.detach())) for m in wn_layers(net)]
+    net(x)
+    for h in hooks:
+        h.remove()
+    return outputs
+
+
+@pytest.mark.parametrize("name", ["lsun_church64", "mlp"])
+def test_data_dependent_init_standardizes_every_wn_layer(name):
+    if name == "mlp":
+        net, x = EnergyNet(energy_preset("mlp", hidden=32)), torch.randn(64, 2) * 3 + 1
+    else:
+        net, x = EnergyNet(energy_preset(name, base_channels=4)), torch.rand(4, 3, 64, 64) * 2 - 1
+    before = _wn_outputs(net, x)
+    assert any(o.transpose(0, 1).reshape(o.shape[1], -1).std(dim=1).sub(1).abs().max() > 0.3 for o in before)
+    data_dependent_init(net, x)
+    outputs = _wn_outputs(net, x)
+    assert len(outputs) == len(wn_layers(net)) == (1 + 2 * 10 + 5 + 1 if name != "mlp" else 3 + 1)
+    for out in outputs:  # pre-activation of every WN layer (head included): per-channel mean 0, variance 1
+        per_channel = out.transpose(0, 1).reshape(out.shape[1], -1).double()
+        torch.testing.assert_close(per_channel.mean(dim=1), torch.zeros(out.shape[1], dtype=torch.float64),
+                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(per_channel.var(dim=1, unbiased=False), torch.ones(out.shape[1],
+                                   dtype=torch.float64), atol=1e-3, rtol=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_batch() -> torch.Tensor:
+    # the two halves differ in distribution, so averaging per-rank moments would give a different init
+    gen = torch.Generator().manual_seed(7)
+    first = torch.rand(3, 3, 32, 32, generator=gen) * 2 - 1
+    second = (torch.rand(5, 3, 32, 32, generator=gen) * 0.5 + 0.3).clamp(-1, 1)
+    return torch.cat([first, second])
+
+
+def _tiny_cifar() -> EnergyNetConfig:
+    return energy_preset("cifar10", base_channels=4)
+
+
+def _init_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(100 + rank)  # different random V per rank: init must adopt rank 0's
+        net = EnergyNet(_tiny_cifar())
+        x = _init_batch()
+        shard = x[:3] if rank == 0 else x[3:]  # unequal halves: counts must be all-reduced too
+        data_dependent_init(net, shard)
+        torch.save(net.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_dependent_init_over_two_ranks_equals_single_process_on_full_batch(tmp_path):
+    mp.spawn(_init_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    torch.manual_seed(100)  # rank 0's seed
+    single = EnergyNet(_tiny_cifar())
+    data_dependent_init(single, _init_batch())
+    reference = single.state_dict()
+    for key, value in reference.items():
+        if key.startswith("spectral."):
+            continue  # power-iteration vectors are broadcast too but are not part of the init
+        assert torch.equal(r0[key], r1[key]), key  # bit-identical across ranks
+        torch.testing.assert_close(r0[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    torch.manual_seed(100)
+    untouched = EnergyNet(_tiny_cifar()).state_dict()
+    assert not torch.equal(r0["stem.log_weight_norm"], untouched["stem.log_weight_norm"])  # the init did run
+    assert torch.equal(r0["stem.weight"], untouched["stem.weight"])  # directions V: rank 0's, unchanged
