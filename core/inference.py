@@ -120,6 +120,7 @@ def sample_vaebm(model: VAEBMModel, batch: int, settings: ChainSettings, generat
 def run_sampling(config, resolved: dict[str, Any]) -> Path:
     """The sampling job: every rank draws its share of `n` samples, seeded by (seed, rank, batch)."""
     import numpy as np
+    import torchvision
 
     from core import dist as vdist
     from core.tracking import resolve_tracking_uri

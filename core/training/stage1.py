@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 
 from core import dist as vdist
 from core.models.nvae import NVAE
 from core.objectives.elbo import ELBOConfig, kl_balance_weights, nelbo_loss
 from core.tracking import Tracker, write_model_dir
 from core.training.backbone import backbone_bundle
+from core.visuals import save_grid
 from core.training.checkpoint import CheckpointManager, load_run_ids, save_run_ids
 from core.training.config import Stage1Config
 from core.training.engine import build_engine
@@ -79,10 +79,7 @@ class NVAEStage:
             z = [e.to(self.device, self.dtype) for e in eps_z]
             tower = self.model.T_z(z, temperature=t)
             images = tower.x_dist.mu.float()  # decoder mean: the grid shows what the prior generates, not pixel noise
-            path = out_dir / f"nimg-{cur_nimg:012d}-t{t:g}.png"
-            torchvision.utils.save_image(((images + 1) / 2).clamp(0, 1).cpu(), path,
-                                         nrow=int(len(images) ** 0.5))
-            paths.append(path)
+            paths.append(save_grid(images, out_dir / f"nimg-{cur_nimg:012d}-t{t:g}.png"))
         self.model.train(was_training)
         return paths
 
