@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from core.models.energy import (EnergyNet, EnergyNetConfig, data_dependent_init, energy_config_from_dict,
                                 energy_preset, wn_layers)
-from core.models.energy_blocks import Swish, WNLinear
+from core.models.energy_blocks import Swish
+from core.models.layers import WNLinear
 from core.models.layers import WNConv2d
 
 # vaebm.md Table 7, transcribed in absolute widths (README n_channel: 128 for CIFAR-10, 64 otherwise):

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.dist import all_reduce_sum
-from core.models.energy_blocks import ACTIVATIONS, EnergyResBlock, Swish, WNLinear
-from core.models.layers import WNConv2d
+from core.models.energy_blocks import ACTIVATIONS, EnergyResBlock, Swish
+from core.models.layers import WNConv2d, WNLinear
 from core.models.spectral import SpectralRegularizer
 
 # vaebm.md Table 7: (output width as a multiple of base_channels, down-samples?) per ResBlock, after a 3x3 conv stem

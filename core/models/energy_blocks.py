@@ -32,34 +32,6 @@ class Swish(nn.Module):
         return out * self.scale if self.scale != 1.0 else out
 
 
-class WNLinear(nn.Linear):
-    """Linear layer with weight normalization W = exp(g) * V / ||V|| per output unit (same scheme as WNConv2d).
-
-    It exposes `log_weight_norm` and `normalized_weight()` like WNConv2d, so data-dependent init and the spectral
-    regularizer treat both alike (a linear map is a 1x1 conv on a 1x1 image).
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_norm: bool = True):
-        super().__init__(in_features, out_features, bias=bias)
-        self.weight_norm = weight_norm
-        if weight_norm:
-            with torch.no_grad():
-                init = torch.log(self._direction_norm(self.weight) + 1e-2)
-            self.log_weight_norm = nn.Parameter(init)
-
-    @staticmethod
-    def _direction_norm(w: torch.Tensor) -> torch.Tensor:
-        return torch.sqrt(torch.sum(w * w, dim=1, keepdim=True))
-
-    def normalized_weight(self) -> torch.Tensor:
-        if not self.weight_norm:
-            return self.weight
-        return torch.exp(self.log_weight_norm) * self.weight / (self._direction_norm(self.weight) + 1e-5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.normalized_weight(), self.bias)
-
-
 class EnergyResBlock(nn.Module):
     """conv3x3 -> act -> conv3x3, plus shortcut; then avg-pool by 2 ("down" blocks) and a final activation.
 

@@ -18,17 +18,16 @@ def batch_norm(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
-class WNConv2d(nn.Conv2d):
-    """Conv2d with weight normalization: W = exp(g) * V / ||V|| per output channel (Salimans & Kingma 2016).
+class WeightNormalized:
+    """Mixin for nn.Conv2d / nn.Linear: W = exp(g) * V / ||V|| per output unit (Salimans & Kingma 2016).
 
-    The log-norm `g` is initialised to log||V|| so the layer starts as a plain conv. `normalized_weight()` is what the
-    forward pass and the spectral regularizer both see.
+    The log-norm `g` is initialised to log||V|| so the layer starts as the plain layer. `normalized_weight()` is what
+    the forward pass, the spectral regularizer and data-dependent init all see.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 groups: int = 1, bias: bool = True, weight_norm: bool = True):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups,
-                         bias=bias)
+    weight: torch.Tensor
+
+    def _init_weight_norm(self, weight_norm: bool) -> None:
         self.weight_norm = weight_norm
         if weight_norm:
             with torch.no_grad():
@@ -37,15 +36,36 @@ class WNConv2d(nn.Conv2d):
 
     @staticmethod
     def _direction_norm(w: torch.Tensor) -> torch.Tensor:
-        return torch.sqrt(torch.sum(w * w, dim=(1, 2, 3), keepdim=True))
+        return torch.sqrt(torch.sum(w * w, dim=tuple(range(1, w.dim())), keepdim=True))
 
     def normalized_weight(self) -> torch.Tensor:
         if not self.weight_norm:
             return self.weight
         return torch.exp(self.log_weight_norm) * self.weight / (self._direction_norm(self.weight) + 1e-5)
 
+
+class WNConv2d(WeightNormalized, nn.Conv2d):
+    """Weight-normalized Conv2d."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 groups: int = 1, bias: bool = True, weight_norm: bool = True):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                           groups=groups, bias=bias)
+        self._init_weight_norm(weight_norm)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.normalized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class WNLinear(WeightNormalized, nn.Linear):
+    """Weight-normalized Linear (a 1x1 conv on a 1x1 image, for the spectral regularizer and data-dependent init)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_norm: bool = True):
+        nn.Linear.__init__(self, in_features, out_features, bias=bias)
+        self._init_weight_norm(weight_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.normalized_weight(), self.bias)
 
 
 class SqueezeExcitation(nn.Module):

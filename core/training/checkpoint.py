@@ -108,3 +108,13 @@ def save_run_ids(run_dir: Path, parent: str | None, stage: str | None) -> None:
 def load_run_ids(run_dir: Path) -> dict[str, str | None]:
     path = run_dir / RUN_IDS
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def publish_model(tracker, run_dir: Path, name: str, bundle: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+    """Rank 0 at the end of a stage: the model in `<run_dir>/model` (so `<run dir>` works as a reference without
+    MLflow), registered in MLflow as `name` (alias `latest` = newest version), and the resolved config logged."""
+    from core.tracking import write_model_dir
+
+    write_model_dir(run_dir / "model", bundle, weights)
+    tracker.log_model(name, bundle, weights)
+    tracker.log_artifact(run_dir / "config.json")

@@ -16,10 +16,10 @@ import torch
 from core import dist as vdist
 from core.models.nvae import NVAE
 from core.objectives.elbo import ELBOConfig, kl_balance_weights, nelbo_loss
-from core.tracking import Tracker, write_model_dir
+from core.tracking import Tracker
 from core.training.backbone import backbone_bundle
 from core.visuals import save_grid
-from core.training.checkpoint import CheckpointManager, load_run_ids, save_run_ids
+from core.training.checkpoint import CheckpointManager, load_run_ids, publish_model, save_run_ids
 from core.training.config import Stage1Config
 from core.training.engine import build_engine
 from core.training.loop import LoopState, loader_metrics, loop_state_from_dict, run_loop
@@ -166,10 +166,8 @@ def train_nvae(config: Stage1Config, resolved: dict[str, Any], parent_run_id: st
             module = engine.module
             state_dict = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
                           for k, v in module.state_dict().items()}
-            bundle = backbone_bundle(module)
-            write_model_dir(run_dir / "model", bundle, state_dict)  # `backbone=<run dir>` works without MLflow
-            tracker.log_model(backbone_model_name(config.dataset.name), bundle, state_dict)
-            tracker.log_artifact(run_dir / "config.json")
+            publish_model(tracker, run_dir, backbone_model_name(config.dataset.name), backbone_bundle(module),
+                          state_dict)
         if finished:
             tracker.end("FINISHED")  # a time-sliced invocation leaves its runs open for the next one
     except BaseException:

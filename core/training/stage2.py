@@ -26,10 +26,10 @@ from core.sampling.langevin import run_langevin
 from core.sampling.replay_buffer import ReplayBuffer, replay_probability
 from core.sampling.rng import rank_generator
 from core.sampling.targets import make_vaebm_potential, split_state
-from core.tracking import Tracker, write_model_dir
+from core.tracking import Tracker
 from core.visuals import energy_histogram, save_grid
 from core.training.backbone import BackboneNotFound, load_backbone
-from core.training.checkpoint import CheckpointManager, load_run_ids, save_run_ids
+from core.training.checkpoint import CheckpointManager, load_run_ids, publish_model, save_run_ids
 from core.training.config import Stage1Config, Stage2Config, compose
 from core.training.engine import build_engine
 from core.training.loop import LoopState, loader_metrics, loop_state_from_dict, run_loop
@@ -278,9 +278,7 @@ def train_vaebm(config: Stage2Config, resolved: dict[str, Any]) -> Path:
                             "sampler": dataclasses.asdict(config.sampler)}
             weights = {f"energy.{k}": v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
             weights.update({f"backbone.{k}": v.detach().cpu() for k, v in backbone.state_dict().items()})
-            write_model_dir(run_dir / "model", model_bundle, weights)
-            tracker.log_model(vaebm_model_name(config.dataset.name), model_bundle, weights)
-            tracker.log_artifact(run_dir / "config.json")
+            publish_model(tracker, run_dir, vaebm_model_name(config.dataset.name), model_bundle, weights)
         if finished:
             tracker.end("FINISHED")
     except BaseException:
