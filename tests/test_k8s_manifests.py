@@ -314,6 +314,11 @@ def _by_launcher(rendered, name: str) -> list[dict]:
     return found
 
 
+# Command-line names a launcher maps onto other config keys before composing (launchers/evaluate.py: `dataset=` names a
+# dataset preset or path and lands in `dataset_ref`, because `dataset` is also a Hydra config group).
+CLI_ALIASES = {"evaluate": {"dataset": "dataset_ref"}}
+
+
 def _lookup(tree, dotted: str):
     for part in dotted.split("."):
         if not isinstance(tree, dict) or part not in tree:
@@ -341,6 +346,7 @@ def test_manifest_commands_pass_the_launchers_dry_run(rendered, name):
         resolved = yaml.safe_load(proc.stdout.split("\n\n")[0])
         for arg in inv["args"]:
             key, _, value = arg.partition("=")
+            key = CLI_ALIASES.get(name, {}).get(key, key)
             got = _lookup(resolved, key)
             assert got is not KeyError, f"{key} (from {arg}) is not in the resolved config of {name}"
             if not isinstance(got, (dict, list)):
