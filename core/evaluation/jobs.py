@@ -1,0 +1,472 @@
+"""The evaluation job behind `launchers/evaluate.py`: FID, 2-D exact likelihoods, IWAE NLL and OOD AUROC.
+
+    python launchers/evaluate.py metric=fid  model=models:/vaebm-digits@latest dataset=digits [fid_samples=50000]
+    python launchers/evaluate.py metric=ll2d dataset=gaussians25            # or dataset=<points.npy>
+    python launchers/evaluate.py metric=iwae model=<nvae or vaebm ref> dataset=<name or shard dir> eval_samples=1000
+    python launchers/evaluate.py metric=ood  model=<vaebm ref> dataset=<in-distribution test shards>
+
+Results go to `<out>/evaluate_<metric>.json` and `.md`, are printed as a markdown table and logged to MLflow as an
+`evaluate` stage run: nested under the evaluated model's pipeline run (the registered version's run -> its
+`mlflow.parentRunId`), or a standalone `evaluate` run when the model has no MLflow run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.evaluation.fid import InceptionConfig
+from core.evaluation.toy2d import Toy2DProtocol
+from core.tracking import TrackingConfig
+from core.training.config import CONF_DIR, ConfigError
+from data_pipelines.config import DatasetConfig
+
+log = logging.getLogger("vaebm.evaluate")
+
+METRICS = ("fid", "ll2d", "iwae", "ood")
+OOD_SETS = ("photos256", "faces25", "noise", "inverted", "interpolation")
+FID_PRESETS = {"paper": 50_000, "paper_celebahq256": 30_000}  # vaebm.md Sec. 5.1 / App. E sample counts
+
+
+@dataclass
+class EvaluateConfig:
+    metric: str = "fid"  # fid | ll2d | iwae | ood
+    model: str | None = None  # MLflow model URI (models:/..., runs:/...), run directory or model directory
+    # conf/dataset/<name>.yaml, a shard directory, or (ll2d) gaussians25 | <points.npy>. On the command line it is
+    # `dataset=<...>`: launchers/evaluate.py renames it (Hydra reserves `dataset=` for the conf/dataset group).
+    dataset_ref: str = "digits"
+    data: dict[str, Any] = field(default_factory=dict)  # DatasetConfig overrides; command line: dataset.size=16
+    out: str = "runs/evaluate"  # where the JSON/markdown results (and the ll2d model cache) are written
+    batch_size: int = 64  # images per rank per forward pass (generation, Inception, IWAE)
+    seed: int = 0  # samples and estimators are functions of (seed, rank, batch)
+    eval_samples: int = 1000  # iwae/ood: in-distribution images evaluated (all ranks together); OOD sets the same
+    # fid
+    fid_samples: int = 1000  # generated images; the paper protocol is 50,000 (30,000 for CelebA-HQ-256): fid_preset
+    fid_preset: str | None = None  # paper | paper_celebahq256: sets fid_samples to the paper's count
+    fid_reference_samples: int | None = None  # reference images from the dataset; None: the whole dataset
+    fid_cache_dir: str = "~/.cache/vaebm/fid"  # reference statistics cache, keyed by the dataset manifest hash
+    nvae_use_mean: bool = True  # fid of a plain NVAE: images are decoder means (VAEBM follows its sampler config)
+    steps: int | None = None  # VAEBM Langevin steps at test time; None: the model's test_steps
+    step_size: float | None = None  # VAEBM Langevin step size; None: as trained
+    inception: InceptionConfig = field(default_factory=InceptionConfig)  # offline FID weights (file or hub cache)
+    # iwae / ood
+    iwae_samples: int = 100  # metric=iwae: importance samples K per image
+    iwae_chunk: int = 10  # importance samples per forward pass (memory)
+    ood_iwae_samples: int = 20  # metric=ood: K of the log p(x) estimate inside both scores
+    ood_sets: list[str] = field(default_factory=lambda: list(OOD_SETS))  # subset of photos256 faces25 noise
+    #                                                                      inverted interpolation
+    # ll2d
+    ll2d: Toy2DProtocol = field(default_factory=Toy2DProtocol)  # the 2-D protocol (core/evaluation/toy2d.py)
+    ll2d_cache_dir: str | None = None  # trained 2-D models are reused from here; None: <out>/ll2d-cache
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow (models:/ URIs and result logging)
+    dist_timeout_s: float = 600.0  # collective timeout under deepspeed/torchrun
+    dry_run: bool = False  # print the resolved config and exit
+
+    def validate(self) -> None:
+        req = _require
+        req(self.metric in METRICS, f"metric must be one of {'|'.join(METRICS)}, got {self.metric!r}")
+        if self.metric in ("fid", "iwae", "ood"):
+            req(bool(self.model), f"metric={self.metric} needs model=<MLflow model URI or run/model directory>")
+        req(self.batch_size > 0 and self.eval_samples > 0 and self.fid_samples > 1,
+            "batch_size and eval_samples must be > 0, fid_samples > 1")
+        req(self.fid_preset is None or self.fid_preset in FID_PRESETS,
+            f"fid_preset must be one of {sorted(FID_PRESETS)} or null")
+        req(self.fid_reference_samples is None or self.fid_reference_samples > 1, "fid_reference_samples must be > 1")
+        req(self.iwae_samples > 0 and self.iwae_chunk > 0 and self.ood_iwae_samples > 0,
+            "iwae_samples, iwae_chunk and ood_iwae_samples must be > 0")
+        bad = [s for s in self.ood_sets if s not in OOD_SETS]
+        req(not bad, f"unknown ood_sets {bad}; choose from {list(OOD_SETS)}")
+        req(self.steps is None or self.steps >= 1, "steps must be >= 1")
+        req(self.step_size is None or self.step_size > 0, "step_size must be > 0")
+        try:
+            self.ll2d.validate()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.metric == "ll2d":
+            req(self.dataset_ref in ("gaussians25", "25gaussians", "toy2d") or self.dataset_ref.endswith(".npy"),
+                f"metric=ll2d needs dataset=gaussians25 or an .npy file of (N, 2) points, got {self.dataset_ref!r}")
+            if self.dataset_ref.endswith(".npy"):
+                req(Path(self.dataset_ref).expanduser().is_file(), f"dataset file {self.dataset_ref} does not exist")
+        else:
+            try:
+                self.dataset_config()
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"dataset: {err}") from None
+
+    def dataset_config(self) -> DatasetConfig:
+        """conf/dataset/<name>.yaml or a shard directory, plus `data` overrides."""
+        import yaml
+
+        yaml_path = CONF_DIR / "dataset" / f"{self.dataset_ref}.yaml"
+        if yaml_path.is_file():
+            values = yaml.safe_load(yaml_path.read_text()) or {}
+        elif Path(self.dataset_ref).expanduser().is_dir():
+            values = {"name": Path(self.dataset_ref).name, "path": str(Path(self.dataset_ref).expanduser())}
+        else:
+            raise ValueError(f"{self.dataset_ref!r} is neither a conf/dataset name nor a shard directory")
+        values.update(self.data)
+        unknown = set(values) - {f.name for f in dataclasses.fields(DatasetConfig)}
+        if unknown:
+            raise ValueError(f"unknown DatasetConfig fields {sorted(unknown)}")
+        cfg = DatasetConfig(**values)
+        cfg.validate()
+        return cfg
+
+    def num_fid_samples(self) -> int:
+        return FID_PRESETS[self.fid_preset] if self.fid_preset else self.fid_samples
+
+    def out_dir(self) -> Path:
+        return Path(self.out).expanduser().resolve()
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def describe(config: EvaluateConfig, resolved: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(resolved, sort_keys=False)
+
+
+# -------------------------------------------------------------------------------------------------------- models
+@dataclass
+class LoadedModel:
+    backbone: Any  # NoiseSpaceVAE, frozen
+    vaebm: Any | None  # core.inference.VAEBMModel when the reference is a VAEBM
+    bundle: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return "vaebm" if self.vaebm is not None else self.bundle.get("kind", "?")
+
+
+def load_model(reference: str, device: torch.device, tracking_uri: str) -> LoadedModel:
+    """A VAEBM (energy + backbone) or a bare backbone (NVAE / MLP VAE) from any model reference."""
+    from core.inference import load_vaebm
+    from core.training.backbone import load_backbone
+
+    try:
+        model = load_vaebm(reference, device, tracking_uri)
+        return LoadedModel(model.backbone, model, model.bundle)
+    except ValueError as err:
+        if "not a VAEBM" not in str(err):
+            raise
+    backbone, bundle = load_backbone(reference, tracking_uri, device)
+    return LoadedModel(backbone, None, bundle)
+
+
+def model_runs(reference: str | None, tracking_uri: str) -> dict[str, str | None]:
+    """{'run': the run that produced the model, 'parent': its pipeline run, 'pipeline': the pipeline name}.
+
+    models:/<name>@<alias> | models:/<name>/<version|latest>: the registered version's run_id; runs:/<id>/...: id;
+    a run or model directory: its run_ids.json (written by the training jobs). Unknown parts are None.
+    """
+    out: dict[str, str | None] = {"run": None, "parent": None, "pipeline": None}
+    if not reference:
+        return out
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        if reference.startswith("models:/"):
+            spec = reference[len("models:/"):]
+            if "@" in spec:
+                name, alias = spec.split("@", 1)
+                if alias == "latest":
+                    mv = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+                else:
+                    mv = client.get_model_version_by_alias(name, alias)
+            else:
+                name, version = spec.split("/", 1)
+                mv = (max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+                      if version == "latest" else client.get_model_version(name, version))
+            out["run"] = mv.run_id
+        elif reference.startswith("runs:/"):
+            out["run"] = reference[len("runs:/"):].split("/", 1)[0]
+        else:
+            path = Path(reference).expanduser()
+            for d in (path, path.parent):
+                ids = d / "run_ids.json"
+                if ids.is_file():
+                    data = json.loads(ids.read_text())
+                    out["run"], out["parent"] = data.get("stage"), data.get("parent")
+                    break
+        if out["run"]:
+            run = client.get_run(out["run"])
+            out["parent"] = run.data.tags.get("mlflow.parentRunId") or out["parent"]
+            out["pipeline"] = run.data.tags.get("vaebm.pipeline")
+    except Exception as err:  # noqa: BLE001 -- telemetry only: a missing run costs the nesting, never the result
+        log.warning("could not resolve the MLflow run of %s (%s); logging a standalone evaluate run", reference, err)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------- helpers
+def _gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor over ranks (rank order); identity without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, t.cpu())
+    return torch.cat(parts)
+
+
+def _images(dataset: DatasetConfig, limit: int | None, batch_size: int, rank: int, world: int,
+            device: torch.device) -> list[torch.Tensor]:
+    """This rank's share of the first `limit` images of one pass in dataset order (shuffle=False), model space."""
+    from data_pipelines import build_loader
+    from data_pipelines.config import LoaderConfig
+
+    loader = build_loader(dataset, LoaderConfig(backend="torch", batch_size=batch_size, num_workers=0,
+                                                shuffle=False, drop_last=True, pin_memory=False),
+                          rank=rank, world_size=world, seed=0)
+    share = None if limit is None else -(-limit // world)
+    out, n = [], 0
+    try:
+        for batch in loader.epoch(0):
+            x = batch["x"].to(device).float()
+            if share is not None:
+                x = x[: share - n]
+            out.append(x)
+            n += x.shape[0]
+            if share is not None and n >= share:
+                break
+    finally:
+        loader.close()
+    if not out:
+        raise ValueError(f"dataset {dataset.name} gave no images (fewer than world_size * batch_size = "
+                         f"{world * batch_size}?); lower batch_size")
+    return out
+
+
+def _fit_dataset(dataset: DatasetConfig, backbone) -> DatasetConfig:
+    """Present the data at the model's size and channels (load-time resize), as a user would expect."""
+    c, h, _ = backbone.x_shape()
+    res = dataset.resolution if dataset.resolution is not None else (None if dataset.size == h else h)
+    return dataclasses.replace(dataset, resolution=res, channels=c)
+
+
+def _ood_dataset(name: str, like: DatasetConfig, backbone, count: int) -> DatasetConfig:
+    c, h, _ = backbone.x_shape()
+    base = dict(cache_dir=like.cache_dir, channels=c, resolution=h, num_bits=like.num_bits, centered=True,
+                flip=False)
+    if name == "photos256":
+        return DatasetConfig(name="photos256", num_samples=max(count, 16), size=64, **base)
+    return DatasetConfig(name="faces25", **base)
+
+
+# -------------------------------------------------------------------------------------------------------- metrics
+def run_fid(config: EvaluateConfig, info, model: LoadedModel, uri: str) -> tuple[list[dict], dict[str, float]]:
+    from core import dist as vdist
+    from core.evaluation.fid import compute_fid, load_inception, reference_stats
+    from core.inference import ChainSettings, sample_vaebm
+    from data_pipelines import dataset_manifest_hash
+
+    inception = load_inception(dataclasses.replace(config.inception, device=str(info.device)))
+    dataset = _fit_dataset(config.dataset_config(), model.backbone)
+    key = (f"{dataset_manifest_hash(dataset)}-r{dataset.resolution or 'native'}-c{dataset.channels}"
+           f"-b{dataset.num_bits}-n{config.fid_reference_samples or 'all'}")
+    ref = reference_stats(_LazyBatches(lambda: _images(dataset, config.fid_reference_samples, config.batch_size,
+                                                       info.rank, info.world_size, info.device)),
+                          Path(config.fid_cache_dir).expanduser(), key, inception)
+    n_total = config.num_fid_samples()
+    mine = len(range(info.rank, n_total, info.world_size))
+    settings = None
+    if model.vaebm is not None:
+        s = model.vaebm.sampler
+        settings = ChainSettings(steps=config.steps or s["test_steps"],
+                                 step_size=config.step_size or s["langevin"]["step_size"],
+                                 temperature=s["temperature"])
+
+    def batches():
+        for b, start in enumerate(range(0, mine, config.batch_size)):
+            k = min(config.batch_size, mine - start)
+            gen = torch.Generator(device=info.device).manual_seed(vdist.derive_seed(config.seed, info.rank, b))
+            if model.vaebm is not None:
+                x, _ = sample_vaebm(model.vaebm, k, settings, gen)
+            else:
+                with torch.no_grad():
+                    eps_x, eps_z = model.backbone.sample_noise(k, generator=gen, device=info.device)
+                    x, tower = model.backbone.generate(eps_z, eps_x)
+                    x = tower.x_dist.mu if config.nvae_use_mean else x
+            yield x.float()
+
+    t = time.perf_counter()
+    fid = compute_fid(batches(), ref, inception)
+    rows = [{"model": model.kind, "dataset": dataset.name, "samples": n_total, "reference_images": ref.n,
+             "fid": round(fid, 4)}]
+    return rows, {"fid": fid, "fid/samples": float(n_total), "fid/reference_images": float(ref.n),
+                  "fid/seconds": time.perf_counter() - t}
+
+
+class _LazyBatches:
+    """Iterable that reads the reference images only if reference_stats actually iterates it (cache miss)."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
+
+
+def run_iwae(config: EvaluateConfig, info, model: LoadedModel) -> tuple[list[dict], dict[str, float]]:
+    import torch.distributed as dist
+
+    from core.evaluation.iwae import bits_per_dim, iwae_log_likelihood
+
+    dataset = _fit_dataset(config.dataset_config(), model.backbone)
+    dims = math.prod(model.backbone.x_shape())
+    total = torch.zeros(2, dtype=torch.float64, device=info.device)
+    torch.manual_seed(config.seed * 1000 + info.rank)
+    for x in _images(dataset, config.eval_samples, config.batch_size, info.rank, info.world_size, info.device):
+        lp = iwae_log_likelihood(model.backbone, x, config.iwae_samples, config.iwae_chunk)
+        total += torch.stack([lp.sum(), torch.tensor(float(len(lp)), dtype=torch.float64, device=lp.device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    n = int(total[1].item())
+    ll = float(total[0].item()) / n
+    nll = -ll
+    bpd = float(bits_per_dim(ll, dims, num_bits=dataset.num_bits))
+    rows = [{"model": model.kind, "dataset": dataset.name, "images": n, "dims": dims, "K": config.iwae_samples,
+             "nll_nats": round(nll, 4), "nll_nats_per_dim": round(nll / dims, 6), "bits_per_dim": round(bpd, 4)}]
+    return rows, {"iwae/nll_nats": nll, "iwae/bits_per_dim": bpd, "iwae/images": float(n)}
+
+
+def run_ood(config: EvaluateConfig, info, model: LoadedModel) -> tuple[list[dict], dict[str, float]]:
+    from core.evaluation.iwae import iwae_log_likelihood
+    from core.evaluation.ood import auroc
+
+    dataset = _fit_dataset(config.dataset_config(), model.backbone)
+    gen = torch.Generator().manual_seed(config.seed * 7919 + info.rank)
+    torch.manual_seed(config.seed * 1000 + info.rank)
+    num_bits = dataset.num_bits
+    levels = 2 ** num_bits - 1
+
+    def scores(batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        lp, lh = [], []
+        for x in batches:
+            p = iwae_log_likelihood(model.backbone, x, config.ood_iwae_samples, config.iwae_chunk)
+            lp.append(p)
+            if model.vaebm is not None:
+                with torch.no_grad():
+                    lh.append(p - model.vaebm.energy(x).double().reshape(-1))  # log h + log Z (Z cancels)
+        return _gather_cat(torch.cat(lp)), _gather_cat(torch.cat(lh)) if lh else torch.empty(0)
+
+    in_batches = _images(dataset, config.eval_samples, config.batch_size, info.rank, info.world_size, info.device)
+    in_p, in_h = scores(in_batches)
+    rows, metrics = [], {}
+    for name in config.ood_sets:
+        if name == dataset.name:
+            continue
+        if name in ("photos256", "faces25"):
+            batches = _images(_ood_dataset(name, dataset, model.backbone, config.eval_samples), config.eval_samples,
+                              config.batch_size, info.rank, info.world_size, info.device)
+        elif name == "noise":  # uniform noise on the data's quantization levels
+            batches = [torch.randint(0, levels + 1, x.shape, generator=gen).to(x.device).float() * (2.0 / levels) - 1
+                       for x in in_batches]
+        elif name == "inverted":  # photometric negative of the in-distribution images
+            batches = [-x for x in in_batches]
+        else:  # interpolation: midpoint of two in-distribution images (pixel space)
+            batches = [0.5 * (x + x.roll(1, dims=0)) for x in in_batches]
+        p, h = scores(batches)
+        row = {"ood_set": name, "images": len(p), "auroc_vae": round(auroc(in_p, p), 4)}
+        metrics[f"ood/{name}/auroc_vae"] = row["auroc_vae"]
+        if model.vaebm is not None:
+            row["auroc_vaebm"] = round(auroc(in_h, h), 4)
+            metrics[f"ood/{name}/auroc_vaebm"] = row["auroc_vaebm"]
+        rows.append(row)
+    return rows, metrics
+
+
+def run_ll2d_metric(config: EvaluateConfig) -> tuple[list[dict], dict[str, float], str, dict[str, Any]]:
+    from core.evaluation.toy2d import format_ll2d_table, run_ll2d
+
+    cache = config.ll2d_cache_dir or str(config.out_dir() / "ll2d-cache")
+    result, info = run_ll2d(config.ll2d, config.dataset_ref, cache)
+    rows = [{"model": k, "test_log_likelihood_nats": round(v, 4)} for k, v in result.rows.items()]
+    extra = {"log_z_grid": result.log_z_grid, "log_z_mc": result.log_z_mc, "log_z_mc_stderr": result.log_z_mc_stderr,
+             "iwae_check": result.iwae_check, "gap_closed": result.gap_closed, "true_std_error": result.true_std_error,
+             "num_test": result.num_test, "timings_s": result.timings_s, **info}
+    return rows, result.metrics(), format_ll2d_table(result), extra
+
+
+# ------------------------------------------------------------------------------------------------------------ job
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)"
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def evaluate(config: EvaluateConfig, resolved: dict[str, Any]) -> dict[str, Any]:
+    from core import dist as vdist
+    from core.tracking import Tracker, resolve_tracking_uri
+
+    info = vdist.init_distributed(config.dist_timeout_s)
+    uri = resolve_tracking_uri(config.tracking)
+    out = config.out_dir()
+    if info.is_rank0:
+        out.mkdir(parents=True, exist_ok=True)
+    vdist.barrier()
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    text = None
+    if config.metric == "ll2d":
+        rows, metrics, text, extra = (run_ll2d_metric(config) if info.is_rank0 else ([], {}, "", {}))
+        model = None
+    else:
+        model = load_model(config.model, info.device, uri)
+        if config.metric == "fid":
+            rows, metrics = run_fid(config, info, model, uri)
+        elif config.metric == "iwae":
+            rows, metrics = run_iwae(config, info, model)
+        else:
+            rows, metrics = run_ood(config, info, model)
+    seconds = time.perf_counter() - t0
+    table = markdown_table(rows)
+    report = {"metric": config.metric, "model": config.model, "dataset": config.dataset_ref, "rows": rows,
+              "metrics": metrics, "seconds": seconds, "world_size": info.world_size, **extra}
+    if info.is_rank0:
+        body = text if text is not None else table
+        md = f"# evaluate: metric={config.metric}\n\nmodel: {config.model}\ndataset: {config.dataset_ref}\n\n{body}\n"
+        (out / f"evaluate_{config.metric}.json").write_text(json.dumps(report, indent=2, default=str))
+        (out / f"evaluate_{config.metric}.md").write_text(md)
+        print(body, flush=True)
+        _log_to_mlflow(config, uri, out, resolved, metrics, model)
+    vdist.barrier()
+    return report
+
+
+def _log_to_mlflow(config: EvaluateConfig, uri: str, out: Path, resolved: dict, metrics: dict[str, float],
+                   model: LoadedModel | None) -> None:
+    from core.tracking import Tracker
+
+    if not config.tracking.enabled:
+        return
+    runs = model_runs(config.model, uri)
+    pipeline = runs["pipeline"] or "evaluate"
+    parent = runs["parent"] or runs["run"]
+    tracker = Tracker(config.tracking, out, is_rank0=True)
+    try:
+        tracker.start(pipeline=pipeline, stage="evaluate", parent_run_id=parent)
+        tracker.set_tags({"vaebm.metric": config.metric, "vaebm.evaluated_model": config.model or "",
+                          "vaebm.evaluated_run": runs["run"] or ""})
+        tracker.log_params(resolved)
+        tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=0)
+        tracker.log_artifact(out / f"evaluate_{config.metric}.json")
+        tracker.log_artifact(out / f"evaluate_{config.metric}.md")
+        tracker.end("FINISHED")  # also re-terminates the model's pipeline run, which start() marked RUNNING
+    finally:
+        tracker.close()
