@@ -4,44 +4,12 @@ import math
 
 import pytest
 import torch
-from torch.distributions import MultivariateNormal
 
 from core.evaluation.iwae import IWAEConfig, bits_per_dim, iwae, iwae_log_likelihood
-from core.models import NVAE, MLPVAE, MLPVAEConfig, nvae_preset
+from core.models import NVAE, nvae_preset
 
-D, K, SIGMA = 4, 2, 0.3
-
-
-def _linear_vae():
-    """x = W z + b + sigma eps with orthogonal columns of W, so the exact posterior is diagonal (tests/test_mlp_vae)."""
-    torch.manual_seed(1)
-    model = MLPVAE(MLPVAEConfig(data_dim=D, latent_dim=K, num_layers=1, homoscedastic_decoder=True)).double()
-    q, _ = torch.linalg.qr(torch.randn(D, K, dtype=torch.float64))
-    w = q * torch.tensor([1.5, 0.7], dtype=torch.float64)
-    b = torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=torch.float64)
-    with torch.no_grad():
-        model.decoder[0].weight.copy_(w)
-        model.decoder[0].bias.copy_(b)
-        model.decoder_log_sigma.fill_(math.log(SIGMA))
-    return model, w, b
-
-
-def _set_posterior(model, w, b, mean_shift=0.0, log_scale_shift=0.0):
-    """The exact q(z|x) = N(M^-1 W^T (x - b) / s^2, M^-1), optionally shifted and widened (a realistic encoder)."""
-    m_diag = 1.0 + (w * w).sum(dim=0) / SIGMA**2
-    a = (w.T / SIGMA**2) / m_diag[:, None]
-    with torch.no_grad():
-        enc = model.encoder[0]
-        enc.weight.zero_()
-        enc.bias.zero_()
-        enc.weight[:K] = a
-        enc.bias[:K] = -a @ b + mean_shift
-        enc.bias[K:] = -0.5 * torch.log(m_diag) + log_scale_shift
-
-
-def _log_px(x, w, b):
-    cov = w @ w.T + SIGMA**2 * torch.eye(D, dtype=torch.float64)
-    return MultivariateNormal(b, covariance_matrix=cov).log_prob(x)
+from test_mlp_vae import D, _linear_vae, _log_px  # the linear-Gaussian VAE with an analytic log p(x)
+from test_mlp_vae import _set_exact_posterior as _set_posterior
 
 
 def _data(n=32):

@@ -24,8 +24,9 @@ def _linear_vae() -> tuple[MLPVAE, torch.Tensor, torch.Tensor]:
     return model, w, b
 
 
-def _set_exact_posterior(model, w, b):
-    """q(z|x) = N(M^-1 W^T (x - b) / s^2, M^-1), M = I + W^T W / s^2 (diagonal here)."""
+def _set_exact_posterior(model, w, b, mean_shift=0.0, log_scale_shift=0.0):
+    """q(z|x) = N(M^-1 W^T (x - b) / s^2, M^-1), M = I + W^T W / s^2 (diagonal here); the shifts move it off the exact
+    posterior (a realistic encoder)."""
     m_diag = 1.0 + (w * w).sum(dim=0) / SIGMA**2
     a = (w.T / SIGMA**2) / m_diag[:, None]
     with torch.no_grad():
@@ -33,8 +34,8 @@ def _set_exact_posterior(model, w, b):
         enc.weight.zero_()
         enc.bias.zero_()
         enc.weight[:K] = a
-        enc.bias[:K] = -a @ b
-        enc.bias[K:] = -0.5 * torch.log(m_diag)
+        enc.bias[:K] = -a @ b + mean_shift
+        enc.bias[K:] = -0.5 * torch.log(m_diag) + log_scale_shift
 
 
 def _log_px(x, w, b):

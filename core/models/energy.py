@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from core.dist import all_reduce_sum
 from core.models.energy_blocks import ACTIVATIONS, EnergyResBlock, Swish
 from core.models.layers import WNConv2d, WNLinear
+from core.models.presets import preset_with_overrides, split_preset
 from core.models.spectral import SpectralRegularizer
 
 # vaebm.md Table 7: (output width as a multiple of base_channels, down-samples?) per ResBlock, after a 3x3 conv stem
@@ -76,23 +77,15 @@ PRESETS: dict[str, EnergyNetConfig] = {
 
 def energy_preset(name: str, **overrides) -> EnergyNetConfig:
     """A fresh copy of a named preset with field overrides; unknown names and fields are clear errors."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown energy preset {name!r}; choose one of {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(EnergyNetConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise KeyError(f"unknown EnergyNetConfig field(s) {sorted(unknown)}; valid: {sorted(fields)}")
-    cfg = dataclasses.replace(PRESETS[name], **overrides)
+    cfg = preset_with_overrides("energy", PRESETS, name, overrides)
     cfg.validate()
     return cfg
 
 
 def energy_config_from_dict(values: dict) -> EnergyNetConfig:
     """Build from a config mapping: `preset` plus field overrides (same convention as the NVAE configs)."""
-    values = dict(values)
-    if "preset" not in values:
-        raise KeyError("energy config needs a 'preset' key naming one of " + ", ".join(sorted(PRESETS)))
-    return energy_preset(values.pop("preset"), **values)
+    name, overrides = split_preset("energy", PRESETS, values)
+    return energy_preset(name, **overrides)
 
 
 class EnergyNet(nn.Module):

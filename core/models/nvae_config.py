@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from core.models.presets import preset_with_overrides, split_preset
+
 
 @dataclass(frozen=True)
 class NVAEConfig:
@@ -109,18 +111,10 @@ PRESETS: dict[str, NVAEConfig] = {
 
 def nvae_preset(name: str, **overrides) -> NVAEConfig:
     """A named preset with field overrides; unknown names and fields are clear errors."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown NVAE preset {name!r}; choose one of {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(NVAEConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise KeyError(f"unknown NVAEConfig field(s) {sorted(unknown)}; valid: {sorted(fields)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    return preset_with_overrides("NVAE", PRESETS, name, overrides)
 
 
 def nvae_config_from_dict(values: dict) -> NVAEConfig:
     """Build from a config mapping such as conf/nvae/*.yaml: `preset` plus field overrides."""
-    values = dict(values)
-    if "preset" not in values:
-        raise KeyError("NVAE config needs a 'preset' key naming one of " + ", ".join(sorted(PRESETS)))
-    return nvae_preset(values.pop("preset"), **values)
+    name, overrides = split_preset("NVAE", PRESETS, values)
+    return nvae_preset(name, **overrides)
