@@ -9,7 +9,6 @@ the spectral *regularizer* (`spectral_penalty`, coefficient alpha_s = 0.2, 0.3 o
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
