@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from core.evaluation.toy2d import (Toy2DProtocol, format_ll2d_table, layer_scaled_init, mixture_log_density,
-                                   run_ll2d)
+from core.evaluation.density2d import Grid2D, vaebm_log_likelihood
+from core.evaluation.toy2d import (Toy2DProtocol, ValidationScorer, decoder_components, format_ll2d_table,
+                                   gaussians25_split, layer_scaled_init, mixture_log_density, run_ll2d, train_energy,
+                                   train_vae)
 from core.models.energy import EnergyNet, EnergyNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +21,8 @@ TRUE_LL = -1.4516  # E_p[log p] of the sigma=0.1 25-Gaussians mixture (the paper
 # a 150-step VAE is still broad (sigma_x ~ 3): wide grid; 3000 test points give the `true` row a ~0.02 std error
 SHORT = dict(train_points=3000, test_points=3000, vae_steps=150, vae_batch=256, ebm_steps=15, ebm_batch=32,
              langevin_steps=3, marginal_samples=4000, iwae_samples=200, iwae_points=10, grid_n=120,
-             grid_half_width=16.0, mc_samples=20000)
+             grid_half_width=16.0, mc_samples=20000, val_points=1000, eval_every=5, val_marginal_samples=4000,
+             val_grid_n=60)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +48,9 @@ def test_table_true_row_and_log_partition(short_result):
     # the grid holds the VAE's mass (coverage check reported in the table)
     assert abs(result.extra["log_vae_mass_on_grid"]) < 0.01
     assert "grid coverage" in table
+    # the kept energy is the validation-selected checkpoint, and the table says which
+    assert f"energy checkpoint: step {result.extra['val_best_step']}" in table
+    assert 0 < result.extra["val_best_step"] <= SHORT["ebm_steps"]
     # the shared-prior marginal estimator of log p_vae agrees with IWAE on the cross-check points
     c = result.iwae_check
     assert abs(c["iwae"] - c["marginal"]) < 0.05
@@ -97,3 +103,47 @@ def test_launcher_dry_run_and_bad_dataset():
     bad = subprocess.run([sys.executable, str(ROOT / "launchers/evaluate.py"), "metric=ll2d", "dataset=nope.txt"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "metric=ll2d needs dataset=gaussians25" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_and_split():
+    proto = Toy2DProtocol(**{**SHORT, "vae_steps": 60})
+    train, val, test = gaussians25_split(proto)
+    return proto, train_vae(train, proto), train, val, test
+
+
+def test_split_streams_are_independent_and_reproducible(tiny_vae_and_split):
+    proto, _, train, val, test = tiny_vae_and_split
+    assert (len(train), len(val), len(test)) == (proto.train_points, proto.val_points, proto.test_points)
+    again = gaussians25_split(proto)
+    assert all(torch.equal(a, b) for a, b in zip((train, val, test), again))
+    n = min(len(train), len(val), len(test))
+    assert not torch.equal(train[:n], val[:n]) and not torch.equal(val[:n], test[:n])
+
+
+def test_validation_score_equals_the_density2d_likelihood(tiny_vae_and_split):
+    """The cheap scorer (log p_vae precomputed once) against the library path (vaebm_log_likelihood, Eq. 5) fed the
+    same mixture components and grid."""
+    proto, vae, train, val, _ = tiny_vae_and_split
+    scorer = ValidationScorer(vae, val, proto)
+    torch.manual_seed(3)
+    energy = EnergyNet(EnergyNetConfig(arch="mlp", data_dim=2, hidden=32, num_layers=3))
+    mu, sigma = decoder_components(vae, proto.val_marginal_samples, torch.Generator().manual_seed(proto.seed + 505))
+    w = proto.grid_half_width
+    reference = vaebm_log_likelihood(lambda x: mixture_log_density(x, mu, sigma),
+                                     lambda x: energy(x.float()).double(), val,
+                                     grid=Grid2D(bounds=((-w, w), (-w, w)), n=proto.val_grid_n,
+                                                 input_dtype=torch.float32))
+    assert scorer.score(energy) == pytest.approx(float(reference.mean()), abs=1e-5)
+
+
+def test_energy_training_returns_the_best_validated_weights(tiny_vae_and_split):
+    proto, vae, train, val, _ = tiny_vae_and_split
+    proto = Toy2DProtocol(**{**SHORT, "ebm_steps": 30, "eval_every": 5, "ebm_lr": 3e-3, "ebm_beta1": 0.9})
+    scorer = ValidationScorer(vae, val, proto)
+    energy = train_energy(vae, train, proto, scorer)
+    steps = [s for s, _ in scorer.history]
+    assert steps == [5, 10, 15, 20, 25, 30]
+    assert scorer.best_score == max(v for _, v in scorer.history)
+    assert scorer.best_step in steps
+    assert scorer.score(energy) == pytest.approx(scorer.best_score, abs=1e-9)

@@ -60,7 +60,7 @@ class Grid2D:
             raise ValueError("Grid2D: bounds must be increasing, n >= 2, chunk_size >= 1")
 
 
-def _grid_points(grid: Grid2D) -> tuple[torch.Tensor, float]:
+def grid_points(grid: Grid2D) -> tuple[torch.Tensor, float]:
     """Cell centres of an n x n grid and the log cell area."""
     (x0, x1), (y0, y1) = grid.bounds
     hx, hy = (x1 - x0) / grid.n, (y1 - y0) / grid.n
@@ -88,7 +88,7 @@ def grid_log_partition(log_unnormalized_fn: LogDensityFn, bounds: Bounds = Grid2
 
 
 def log_partition_on(grid: Grid2D, log_unnormalized_fn: LogDensityFn) -> float:
-    pts, log_cell = _grid_points(grid)
+    pts, log_cell = grid_points(grid)
     f = _chunked(log_unnormalized_fn, pts, grid.chunk_size, grid.input_dtype)
     if torch.isnan(f).any():
         raise ValueError("log-density returned NaN on the integration grid")

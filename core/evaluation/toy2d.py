@@ -4,7 +4,9 @@ Data: equal-weight mixture of N(c, 0.1^2 I) over c in {-4,-2,0,2,4}^2; 50k train
 with a fixed seed. Models: the papers' MLP VAE (20-d latent, 4 FC layers of 256, `MLPVAEConfig()`) trained by the
 ELBO, then a VAEBM whose MLP energy (4 FC layers of 256) is trained with the contrastive-divergence loss
 (core.objectives.ebm, vaebm.md Eq. 7) on negatives from eps-space Langevin chains on the exact target
-(core.sampling, vaebm.md Eq. 9) and ClippedAdam (App. E).
+(core.sampling, vaebm.md Eq. 9) and ClippedAdam (App. E). The energy checkpoint kept is the one with the best
+log-likelihood on a held-out validation split (10k draws independent of train and test): EBM training by short-run
+chains has no converged end point, and the test points must not choose it.
 
 Why not the DeepSpeed training job: the models are tiny (a few 100k parameters), a single CPU process trains them in
 minutes, and the protocol needs exact control of the data split and of the likelihood evaluation, which the image
@@ -37,8 +39,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from core.evaluation.density2d import (Grid2D, gaussians25_expected_log_likelihood, gaussians25_log_density,
-                                       log_partition_on, mc_log_partition, sample_gaussians25)
+from core.evaluation.density2d import (Grid2D, grid_points, gaussians25_expected_log_likelihood,
+                                       gaussians25_log_density, log_partition_on, mc_log_partition, sample_gaussians25)
 from core.evaluation.iwae import iwae_log_likelihood
 from core.models.energy import (EnergyNet, EnergyNetConfig, _direction_output, _global_channel_moments,
                                 data_dependent_init, wn_layers)
@@ -46,6 +48,7 @@ from core.models.mlp_vae import MLPVAE, MLPVAEConfig
 from core.objectives.ebm import vaebm_loss
 from core.optim.clipped_adam import ClippedAdam
 from core.sampling.langevin import LangevinConfig, run_langevin
+from core.sampling.resampled_init import importance_resampled_init
 from core.sampling.targets import make_vaebm_potential, split_state
 
 log = logging.getLogger("vaebm.evaluation.toy2d")
@@ -66,16 +69,24 @@ class Toy2DProtocol:
     # VAEBM (stage 2): CD loss, eps-space Langevin on the exact target, ClippedAdam
     energy_hidden: int = 256  # width of the energy MLP (vaebm.md Sec. 5.4: 256)
     energy_layers: int = 3  # hidden layers of the energy MLP (+ the output layer = 4 FC layers, Sec. 5.4)
-    ebm_steps: int = 800  # optimizer steps (pilot: gap peaks at 750-900 steps, then log Z drifts up; see docs)
+    ebm_steps: int = 2000  # optimizer steps (the validation-selected checkpoint is kept; see docs/benchmarks.md)
     ebm_batch: int = 256  # data points and Langevin chains per step
-    ebm_lr: float = 1e-4  # ClippedAdam learning rate (constant; 1e-3 and 3e-4 blew up within 1000 steps, measured)
+    ebm_lr: float = 1e-3  # ClippedAdam learning rate
+    ebm_beta1: float = 0.9  # ClippedAdam beta1 (beta2 is 0.999)
     alpha_s: float = 0.0  # spectral regularization coefficient (0: the 2-D MLP needs none)
-    energy_reg: float = 0.1  # weight of the energy-magnitude penalty mean(E(x+)^2) + mean(E(x-)^2)
+    energy_reg: float = 0.3  # weight of the energy-magnitude penalty mean(E(x+)^2) + mean(E(x-)^2) at step 0
+    energy_reg_final: float = 0.03  # the penalty weight decays linearly to this at the last step (< 0: constant)
     energy_first_scale: float = 8.0  # init std of the first energy layer's pre-activations (0: VAEBM's 0.2 for all)
     chain_bound: float = 20.0  # chains with |x| beyond this (data: |x| < 4.5) are restarted from N(0, I)
     langevin_steps: int = 10  # Langevin updates per training step
     step_size: float = 1e-2  # Langevin eta in eps-space (5e-3: >500 steps to move mass between modes; 2e-2: NaN)
     persistent: float = 0.95  # probability a chain continues from the buffer of the last chains (0: short-run)
+    init_candidates: int = 1  # new chains start at one of K VAE draws resampled by exp(-E) (SIR); 1: plain N(0, I)
+    # model selection: the energy checkpoint with the best held-out validation log-likelihood is kept (never test)
+    val_points: int = 10_000  # validation draws, independent of train and test (gaussians25: stream 3*seed+2)
+    eval_every: int = 50  # energy steps between validation scores (each costs ~0.1 s: p_vae is precomputed)
+    val_marginal_samples: int = 30_000  # M of the marginal-mixture log p_vae used for validation
+    val_grid_n: int = 150  # grid cells per axis of the validation log Z (over the same box as the test grid)
     # evaluation
     marginal_samples: int = 100_000  # M prior samples of the shared marginal-mixture estimator of p_vae(x)
     iwae_samples: int = 10_000  # K of the IWAE cross-check (vaebm.md Sec. 5.4: 10,000)
@@ -85,9 +96,11 @@ class Toy2DProtocol:
     mc_samples: int = 200_000  # VAE samples of the Monte Carlo cross-check of log Z
 
     def validate(self) -> None:
-        may_be_zero = ("alpha_s", "seed", "energy_reg", "energy_first_scale", "persistent")
+        may_be_zero = ("alpha_s", "seed", "energy_reg", "energy_first_scale", "persistent", "ebm_beta1")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name == "energy_reg_final":
+                continue
             if v < 0 or (v == 0 and f.name not in may_be_zero):
                 raise ValueError(f"ll2d protocol: {f.name} must be {'>= 0' if f.name in may_be_zero else '> 0'}, "
                                  f"got {v}")
@@ -106,11 +119,12 @@ class Toy2DProtocol:
 
 
 # ------------------------------------------------------------------------------------------------------------- data
-def gaussians25_split(protocol: Toy2DProtocol) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, test) float32 draws; independent streams seeded by (seed, 0) and (seed, 1)."""
-    train = sample_gaussians25(protocol.train_points, torch.Generator().manual_seed(protocol.seed * 2 + 0))
-    test = sample_gaussians25(protocol.test_points, torch.Generator().manual_seed(protocol.seed * 2 + 1))
-    return train.float(), test.float()
+def gaussians25_split(protocol: Toy2DProtocol) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train, validation, test) float32 draws from independent streams seeded by 3*seed + 0, + 2 and + 1."""
+    train = sample_gaussians25(protocol.train_points, torch.Generator().manual_seed(protocol.seed * 3 + 0))
+    test = sample_gaussians25(protocol.test_points, torch.Generator().manual_seed(protocol.seed * 3 + 1))
+    val = sample_gaussians25(protocol.val_points, torch.Generator().manual_seed(protocol.seed * 3 + 2))
+    return train.float(), val.float(), test.float()
 
 
 def load_points(path: str | Path) -> torch.Tensor:
@@ -190,12 +204,66 @@ def layer_scaled_init(net: EnergyNet, x_batch: torch.Tensor, scales: list[float]
             handle.remove()
 
 
+class ValidationScorer:
+    """Average validation log-likelihood of the VAEBM, log h = log p_vae - E - log Z (vaebm.md Eq. 5), cheap enough to
+    run every few steps: the VAE is frozen, so log p_vae on the validation points and on the log-Z grid is computed
+    once (marginal mixture of `val_marginal_samples` components, `val_grid_n`^2 midpoint grid) and each score costs
+    only energy evaluations. Keeps the best-scoring weights (`best_state`)."""
+
+    def __init__(self, vae: MLPVAE, val: torch.Tensor, protocol: Toy2DProtocol):
+        gen = torch.Generator().manual_seed(protocol.seed + 505)
+        mu, sigma = decoder_components(vae, protocol.val_marginal_samples, gen)
+        self.val = val.float()
+        self.lp_val = mixture_log_density(self.val, mu, sigma)
+        if not torch.isfinite(self.lp_val).all():
+            raise RuntimeError("validation: the marginal-mixture log p_vae is -inf at some validation points: raise "
+                               "val_marginal_samples")
+        w = protocol.grid_half_width
+        grid = Grid2D(bounds=((-w, w), (-w, w)), n=protocol.val_grid_n)
+        pts, self.log_cell = grid_points(grid)
+        self.grid = pts.float()
+        self.lp_grid = mixture_log_density(self.grid, mu, sigma)
+        self.history: list[tuple[int, float]] = []
+        self.best_score = -math.inf
+        self.best_step = -1
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def score(self, energy: EnergyNet) -> float:
+        was_training = energy.training
+        energy.eval()
+        e_grid = energy(self.grid).double().reshape(-1)
+        e_val = energy(self.val).double().reshape(-1)
+        energy.train(was_training)
+        log_z = float(torch.logsumexp(self.lp_grid - e_grid, dim=0)) + self.log_cell
+        return float((self.lp_val - e_val).mean()) - log_z
+
+    def consider(self, step: int, energy: EnergyNet) -> float:
+        value = self.score(energy)
+        self.history.append((step, value))
+        if math.isfinite(value) and value > self.best_score:
+            self.best_score, self.best_step = value, step
+            self.best_state = {k: v.detach().clone() for k, v in energy.state_dict().items()}
+        return value
+
+    def summary(self) -> dict[str, Any]:
+        return {"val_best_log_likelihood": self.best_score, "val_best_step": self.best_step,
+                "val_vae_log_likelihood": float(self.lp_val.mean()),
+                "val_history": [[s, round(v, 5)] for s, v in self.history]}
+
+
 def train_energy(vae: MLPVAE, train: torch.Tensor, protocol: Toy2DProtocol,
-                 progress: Callable[[int, EnergyNet], None] | None = None) -> EnergyNet:
+                 selection: ValidationScorer | None = None) -> EnergyNet:
     """Stage 2 of VAEBM on 2-D data: CD loss (vaebm.md Eq. 7), negatives from eps-space Langevin on the exact target
     U(eps) = E(T(eps)) + |eps|^2/2 (Eq. 9), ClippedAdam (App. E). With `persistent` > 0 each chain continues from the
-    previous step's state with that probability, else restarts from N(0, I) (long effective chains: the CD gradient
-    then approaches the maximum-likelihood gradient, which is what a likelihood benchmark rewards)."""
+    previous step's state with that probability, else restarts from N(0, I), or from one of `init_candidates` VAE draws
+    resampled by exp(-E) (core.sampling.resampled_init). The energy-magnitude penalty decays linearly from
+    `energy_reg` to `energy_reg_final`: strong early, it keeps the chains and the energy in step; weak late, it stops
+    biasing the energy's shape.
+
+    With a `selection` scorer, the energy is scored on held-out validation points every `eval_every` steps and at the
+    end, and the best-scoring weights are returned (early stopping on validation likelihood; the test points never
+    enter training or selection)."""
     torch.manual_seed(protocol.seed + 1)
     energy = EnergyNet(energy_config(protocol))
     gen = torch.Generator().manual_seed(protocol.seed + 202)
@@ -205,7 +273,7 @@ def train_energy(vae: MLPVAE, train: torch.Tensor, protocol: Toy2DProtocol,
         layer_scaled_init(energy, init_batch, [protocol.energy_first_scale] + [1.0] * (n_wn - 2) + [0.2])
     else:
         data_dependent_init(energy, init_batch, init_scale=energy.config.init_scale)
-    opt = ClippedAdam(energy.parameters(), lr=protocol.ebm_lr, betas=(0.0, 0.999), weight_decay=0.0)
+    opt = ClippedAdam(energy.parameters(), lr=protocol.ebm_lr, betas=(protocol.ebm_beta1, 0.999), weight_decay=0.0)
     lcfg = LangevinConfig(num_steps=protocol.langevin_steps, step_size=protocol.step_size)
     potential = make_vaebm_potential(vae, energy, mode="exact")
     eps_x, eps_z = vae.sample_noise(protocol.ebm_batch, generator=gen)
@@ -213,9 +281,9 @@ def train_energy(vae: MLPVAE, train: torch.Tensor, protocol: Toy2DProtocol,
     t0 = time.perf_counter()
     escaped = skipped = 0
     for step in range(protocol.ebm_steps):
-        fresh_x, fresh_z = vae.sample_noise(protocol.ebm_batch, generator=gen)
+        fresh = importance_resampled_init(vae, energy, protocol.ebm_batch, protocol.init_candidates, gen).state
         keep = (torch.rand(protocol.ebm_batch, generator=gen) < protocol.persistent)[:, None]
-        state = [torch.where(keep, s, f) for s, f in zip(state, [fresh_x, *fresh_z])]
+        state = [torch.where(keep, s, f) for s, f in zip(state, fresh)]
         result = run_langevin(potential, state, lcfg, generator=gen)
         state = result.state
         with torch.no_grad():
@@ -237,20 +305,28 @@ def train_energy(vae: MLPVAE, train: torch.Tensor, protocol: Toy2DProtocol,
         out = vaebm_loss(e_pos, e_neg, spectral, protocol.alpha_s)
         # Energy-magnitude penalty (Du & Mordatch 2019's alpha * (E(x+)^2 + E(x-)^2)): the CD loss is invariant to
         # a constant shift and unbounded below when the chains lag the energy; the penalty bounds both.
-        loss = out.loss + protocol.energy_reg * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
+        reg_w = protocol.energy_reg
+        if protocol.energy_reg_final >= 0:
+            reg_w += (protocol.energy_reg_final - protocol.energy_reg) * step / max(1, protocol.ebm_steps - 1)
+        loss = out.loss + reg_w * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
         if not bool(torch.isfinite(loss)):
             skipped += 1
             continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 250 == 0 or step == protocol.ebm_steps - 1:
+        done = step + 1
+        if selection is not None and (done % protocol.eval_every == 0 or done == protocol.ebm_steps):
+            selection.consider(done, energy)
+        if step % 250 == 0 or done == protocol.ebm_steps:
             m = out.metrics()
-            log.info("ebm step %d/%d  cd %.4f  e_pos %.3f  e_neg %.3f  escaped chains %d  skipped steps %d  (%.0f s)",
+            log.info("ebm step %d/%d  cd %.4f  e_pos %.3f  e_neg %.3f  escaped chains %d  skipped steps %d  (%.0f s)%s",
                      step, protocol.ebm_steps, m["cd"], m["e_pos"], m["e_neg"], escaped, skipped,
-                     time.perf_counter() - t0)
-            if progress is not None:
-                progress(step, energy)
+                     time.perf_counter() - t0,
+                     f"  val ll {selection.history[-1][1]:.4f} (best {selection.best_score:.4f} at step "
+                     f"{selection.best_step})" if selection is not None and selection.history else "")
+    if selection is not None and selection.best_state is not None:
+        energy.load_state_dict(selection.best_state)
     if not all(bool(torch.isfinite(q).all()) for q in energy.parameters()):
         raise RuntimeError("ll2d: the energy network has non-finite parameters after training")
     return energy.eval().requires_grad_(False)
@@ -448,21 +524,25 @@ def _load(path: Path, protocol: Toy2DProtocol) -> tuple[MLPVAE, EnergyNet]:
 def run_ll2d(protocol: Toy2DProtocol, dataset: str = "gaussians25", cache_dir: str | Path | None = None,
              ) -> tuple[LL2DResult, dict[str, Any]]:
     """Train (or reuse from `cache_dir`) the VAE and VAEBM and evaluate them. `dataset` is `gaussians25` (analytic
-    `true` row) or an .npy file of (N, 2) points (first 1/3 test, rest train, after a seeded shuffle; no `true` row).
+    `true` row) or an .npy file of (N, 2) points (after a seeded shuffle: the first third is test, then up to
+    `val_points` (at most a fifth of the rest) validation, the rest training; no `true` row).
     Returns the result and a description of what was trained/reused."""
     protocol.validate()
     if dataset in ("gaussians25", "25gaussians", "toy2d"):
-        train, test = gaussians25_split(protocol)
+        train, val, test = gaussians25_split(protocol)
         analytic = gaussians25_log_density
     else:
         pts = load_points(dataset)
         perm = torch.randperm(len(pts), generator=torch.Generator().manual_seed(protocol.seed))
         pts = pts[perm]
         n_test = min(protocol.test_points, len(pts) // 3)
-        test, train = pts[:n_test], pts[n_test:][: protocol.train_points]
+        n_val = min(protocol.val_points, (len(pts) - n_test) // 5)
+        test, val = pts[:n_test], pts[n_test:n_test + n_val]
+        train = pts[n_test + n_val:][: protocol.train_points]
         analytic = None
-    key = protocol.training_key(digest_points(train))
-    info: dict[str, Any] = {"training_key": key, "train_points": len(train), "test_points": len(test)}
+    key = protocol.training_key(digest_points(torch.cat([train, val])))
+    info: dict[str, Any] = {"training_key": key, "train_points": len(train), "val_points": len(val),
+                            "test_points": len(test)}
     cached = Path(cache_dir).expanduser() / f"ll2d-{key}.pt" if cache_dir else None
     t0 = time.perf_counter()
     if cached is not None and cached.is_file():
@@ -472,14 +552,18 @@ def run_ll2d(protocol: Toy2DProtocol, dataset: str = "gaussians25", cache_dir: s
         vae = train_vae(train, protocol)
         info["vae_train_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        energy = train_energy(vae, train, protocol)
+        selection = ValidationScorer(vae, val, protocol)
+        energy = train_energy(vae, train, protocol, selection)
         info["ebm_train_s"] = time.perf_counter() - t1
+        info.update(selection.summary())
         info["models"] = "trained"
         if cached is not None:
             _save(cached, vae, energy, protocol)
             info["models"] = f"trained, cached at {cached}"
     result = evaluate_ll2d(vae, energy, test, protocol, analytic)
     result.timings_s.update({k: v for k, v in info.items() if k.endswith("_s")})
+    result.extra.update({k: info[k] for k in ("val_best_step", "val_best_log_likelihood", "val_vae_log_likelihood")
+                         if k in info})
     return result, info
 
 
@@ -493,6 +577,9 @@ def format_ll2d_table(result: LL2DResult) -> str:
                  f"+- {result.log_z_mc_stderr:.5f}")
     if "log_vae_mass_on_grid" in result.extra:
         lines.append(f"grid coverage: log of the VAE's mass on the grid = {result.extra['log_vae_mass_on_grid']:.5f}")
+    if "val_best_step" in result.extra:
+        lines.append(f"energy checkpoint: step {result.extra['val_best_step']} (best validation log-likelihood "
+                     f"{result.extra['val_best_log_likelihood']:.4f}; VAE {result.extra['val_vae_log_likelihood']:.4f})")
     c = result.iwae_check
     lines.append(f"IWAE check on {int(c['points'])} test points: iwae = {c['iwae']:.4f}, marginal = "
                  f"{c['marginal']:.4f}, mean |diff| = {c['mean_abs_diff']:.4f}")

@@ -1,6 +1,8 @@
-"""Sampling for stage 2: one Langevin implementation, the VAEBM ε-space targets, the cross-rank replay buffer."""
+"""Sampling for stage 2: one Langevin implementation, the VAEBM ε-space targets, the cross-rank replay buffer, and
+importance-resampled chain initialization (low-dimensional data)."""
 from core.sampling.langevin import (LangevinConfig, LangevinResult, Potential, autocast_context, energy_and_grad,
                                     frozen, langevin_update, run_langevin)
+from core.sampling.resampled_init import ResampledInit, importance_resampled_init
 from core.sampling.replay_buffer import ReplayBuffer, ReplayBufferConfig, replay_probability
 from core.sampling.rng import rank_generator
 from core.sampling.targets import TARGET_MODES, join_state, make_vaebm_potential, split_state
@@ -8,5 +10,5 @@ from core.sampling.targets import TARGET_MODES, join_state, make_vaebm_potential
 __all__ = [
     "LangevinConfig", "LangevinResult", "Potential", "autocast_context", "energy_and_grad", "frozen",
     "langevin_update", "run_langevin", "ReplayBuffer", "ReplayBufferConfig", "replay_probability",
-    "rank_generator", "TARGET_MODES", "join_state", "make_vaebm_potential", "split_state",
+    "rank_generator", "ResampledInit", "importance_resampled_init", "TARGET_MODES", "join_state", "make_vaebm_potential", "split_state",
 ]
