@@ -139,7 +139,7 @@ def test_validation_score_equals_the_density2d_likelihood(tiny_vae_and_split):
 
 def test_energy_training_returns_the_best_validated_weights(tiny_vae_and_split):
     proto, vae, train, val, _ = tiny_vae_and_split
-    proto = Toy2DProtocol(**{**SHORT, "ebm_steps": 30, "eval_every": 5, "ebm_lr": 3e-3, "ebm_beta1": 0.9})
+    proto = Toy2DProtocol(**{**SHORT, "ebm_steps": 30, "eval_every": 5, "ebm_lr": 3e-3, "init_candidates": 4})
     scorer = ValidationScorer(vae, val, proto)
     energy = train_energy(vae, train, proto, scorer)
     steps = [s for s, _ in scorer.history]
