@@ -62,6 +62,9 @@ def test_models_are_reused_from_the_cache(short_result):
     again, info = run_ll2d(Toy2DProtocol(**SHORT), "gaussians25", cache)
     assert info["models"].startswith("reused")
     assert again.rows["vaebm"] == pytest.approx(first.rows["vaebm"], abs=1e-9)
+    # the reused models carry the validation selection they were kept by
+    assert again.extra["val_best_step"] == first.extra["val_best_step"]
+    assert f"energy checkpoint: step {first.extra['val_best_step']}" in format_ll2d_table(again)
 
 
 def test_mixture_log_density_matches_a_direct_sum():

@@ -106,6 +106,8 @@ class Toy2DProtocol:
                                  f"got {v}")
         if not 0.0 <= self.persistent < 1.0:
             raise ValueError("ll2d protocol: persistent must be in [0, 1)")
+        if not 0.0 <= self.ebm_beta1 < 1.0:
+            raise ValueError("ll2d protocol: ebm_beta1 must be in [0, 1)")
         if self.iwae_points > self.test_points:
             raise ValueError("ll2d protocol: iwae_points must be <= test_points")
 
@@ -504,21 +506,22 @@ def evaluate_ll2d(vae: MLPVAE, energy: EnergyNet, test: torch.Tensor, protocol: 
 
 
 # ----------------------------------------------------------------------------------------------------------- driver
-def _save(path: Path, vae: MLPVAE, energy: EnergyNet, protocol: Toy2DProtocol) -> None:
+def _save(path: Path, vae: MLPVAE, energy: EnergyNet, protocol: Toy2DProtocol, selection: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"vae": vae.state_dict(), "energy": energy.state_dict(), "protocol": dataclasses.asdict(protocol)},
-               tmp)
+    torch.save({"vae": vae.state_dict(), "energy": energy.state_dict(), "protocol": dataclasses.asdict(protocol),
+                "selection": selection}, tmp)
     tmp.replace(path)
 
 
-def _load(path: Path, protocol: Toy2DProtocol) -> tuple[MLPVAE, EnergyNet]:
+def _load(path: Path, protocol: Toy2DProtocol) -> tuple[MLPVAE, EnergyNet, dict[str, Any]]:
+    """The cached models and the validation-selection summary they were kept by."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     vae = MLPVAE(MLPVAEConfig())
     vae.load_state_dict(blob["vae"], strict=True)
     energy = EnergyNet(energy_config(protocol))
     energy.load_state_dict(blob["energy"], strict=True)
-    return vae.eval().requires_grad_(False), energy.eval().requires_grad_(False)
+    return vae.eval().requires_grad_(False), energy.eval().requires_grad_(False), blob.get("selection", {})
 
 
 def run_ll2d(protocol: Toy2DProtocol, dataset: str = "gaussians25", cache_dir: str | Path | None = None,
@@ -546,7 +549,8 @@ def run_ll2d(protocol: Toy2DProtocol, dataset: str = "gaussians25", cache_dir: s
     cached = Path(cache_dir).expanduser() / f"ll2d-{key}.pt" if cache_dir else None
     t0 = time.perf_counter()
     if cached is not None and cached.is_file():
-        vae, energy = _load(cached, protocol)
+        vae, energy, selection_summary = _load(cached, protocol)
+        info.update(selection_summary)
         info["models"] = f"reused {cached}"
     else:
         vae = train_vae(train, protocol)
@@ -558,7 +562,7 @@ def run_ll2d(protocol: Toy2DProtocol, dataset: str = "gaussians25", cache_dir: s
         info.update(selection.summary())
         info["models"] = "trained"
         if cached is not None:
-            _save(cached, vae, energy, protocol)
+            _save(cached, vae, energy, protocol, selection.summary())
             info["models"] = f"trained, cached at {cached}"
     result = evaluate_ll2d(vae, energy, test, protocol, analytic)
     result.timings_s.update({k: v for k, v in info.items() if k.endswith("_s")})

@@ -10,5 +10,6 @@ from core.sampling.targets import TARGET_MODES, join_state, make_vaebm_potential
 __all__ = [
     "LangevinConfig", "LangevinResult", "Potential", "autocast_context", "energy_and_grad", "frozen",
     "langevin_update", "run_langevin", "ReplayBuffer", "ReplayBufferConfig", "replay_probability",
-    "rank_generator", "ResampledInit", "importance_resampled_init", "TARGET_MODES", "join_state", "make_vaebm_potential", "split_state",
+    "rank_generator", "ResampledInit", "importance_resampled_init", "TARGET_MODES", "join_state",
+    "make_vaebm_potential", "split_state",
 ]
