@@ -53,11 +53,16 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized() and int(os.environ["WORLD_SIZE"]) == 1:
+        # A world of one needs no collectives: torch's group directly, without DeepSpeed's communication layer,
+        # whose CPU shared-memory op is JIT-built on first use (~50 s on 2 idle cores). deepspeed.initialize, if a
+        # training stage calls it later, adopts this group.
+        dist.init_process_group(backend=backend, timeout=timeout)
+    elif not dist.is_initialized():
         import deepspeed  # deferred: importing deepspeed probes accelerators, which costs seconds
 
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                   verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

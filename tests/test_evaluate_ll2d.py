@@ -1,5 +1,6 @@
 """metric=ll2d on a SHORT 2-D protocol (< 60 s on 2 cores): table format, the analytic `true` row, grid log Z vs
-Monte Carlo, the marginal-mixture estimator vs a direct sum and vs IWAE, the per-layer energy init."""
+Monte Carlo, the marginal-mixture estimator vs a direct sum and vs IWAE, the per-layer energy init, and the
+negative phase's mean energy vs the exact E_h[E]."""
 import math
 import subprocess
 import sys
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 from core.evaluation.density2d import Grid2D, vaebm_log_likelihood
-from core.evaluation.toy2d import (Toy2DProtocol, ValidationScorer, decoder_components, format_ll2d_table,
-                                   gaussians25_split, layer_scaled_init, mixture_log_density, run_ll2d, train_energy,
-                                   train_vae)
+from core.evaluation.toy2d import (NegativePhase, Toy2DProtocol, ValidationScorer, decoder_components,
+                                   format_ll2d_table, gaussians25_split, layer_scaled_init, mixture_log_density,
+                                   run_ll2d, train_energy, train_vae)
 from core.models.energy import EnergyNet, EnergyNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,3 +151,47 @@ def test_energy_training_returns_the_best_validated_weights(tiny_vae_and_split):
     assert scorer.best_score == max(v for _, v in scorer.history)
     assert scorer.best_step in steps
     assert scorer.score(energy) == pytest.approx(scorer.best_score, abs=1e-9)
+
+
+class _PeriodicWells(torch.nn.Module):
+    """E(x) = k (sin^2(pi x1 / 2) + sin^2(pi x2 / 2)): wells at the even-integer grid, the 25 centres among them."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.k * torch.sin(0.5 * math.pi * x).pow(2).sum(dim=1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def trained_vae():
+    proto = Toy2DProtocol(**{**SHORT, "vae_steps": 600})
+    train, _, _ = gaussians25_split(proto)
+    return train_vae(train, proto)
+
+
+@pytest.mark.parametrize("overrides,matches", [
+    ({}, True),  # the default negative phase: pooled SIR + one small Langevin step
+    ({"init_candidates": 1}, False),  # plain N(0, I) starts with one step: the VAE's energy, not h's
+    ({"step_size": 5e-2}, False),  # a large eps-space step throws the SIR draws out of the wells
+])
+def test_negative_phase_follows_the_vaebm_density(trained_vae, overrides, matches):
+    """The negatives' mean energy vs E_h[E] by quadrature with the marginal-mixture p_vae (an independent path):
+    the default sampler must match it, and the two broken samplers must not (the test can tell them apart)."""
+    proto = Toy2DProtocol(**{**SHORT, "grid_half_width": 8.0, "val_grid_n": 320, "val_marginal_samples": 20000,
+                             **overrides})
+    energy = _PeriodicWells(k=4.0)
+    _, val, _ = gaussians25_split(proto)
+    scorer = ValidationScorer(trained_vae, val, proto)
+    scorer.score(energy)
+    exact = scorer.exact_mean_energy
+    negatives = NegativePhase(trained_vae, energy, proto, torch.Generator().manual_seed(3), num_chains=2048)
+    drawn = torch.cat([energy(negatives.draw()).reshape(-1) for _ in range(4)]).double()
+    gap = abs(float(drawn.mean()) - exact)
+    se = float(drawn.std()) / math.sqrt(len(drawn) * negatives.ess_fraction)
+    print(f"{overrides}: E_neg {float(drawn.mean()):.4f} E_h[E] {exact:.4f} gap {gap:.4f} se {se:.4f}")
+    if matches:
+        assert gap < 0.05 + 4 * se
+    else:
+        assert gap > 0.2
