@@ -11,12 +11,13 @@ filesystem every rank sees (a shared volume on multi-node jobs).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -118,3 +119,19 @@ def publish_model(tracker, run_dir: Path, name: str, bundle: dict[str, Any], wei
     write_model_dir(run_dir / "model", bundle, weights)
     tracker.log_model(name, bundle, weights)
     tracker.log_artifact(run_dir / "config.json")
+
+
+@contextlib.contextmanager
+def stage_lifecycle(tracker, loader) -> Iterator[None]:
+    """Around a stage's training loop, on every rank: an exception (a crash, a kill, divergence) ends the MLflow runs
+    as FAILED and re-raises; either way the tracker (its background logger) and the data loader (its workers) are
+    closed. The body ends the runs as FINISHED itself once the stage is complete (a time-sliced invocation that
+    stops early leaves them open for the next one)."""
+    try:
+        yield
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    finally:
+        tracker.close()
+        loader.close()

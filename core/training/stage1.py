@@ -19,7 +19,8 @@ from core.objectives.elbo import ELBOConfig, kl_balance_weights, nelbo_loss
 from core.tracking import Tracker
 from core.training.backbone import backbone_bundle
 from core.visuals import save_grid
-from core.training.checkpoint import CheckpointManager, load_run_ids, publish_model, save_run_ids
+from core.training.checkpoint import (CheckpointManager, load_run_ids, publish_model, save_run_ids,
+                                      stage_lifecycle)
 from core.training.config import Stage1Config
 from core.training.engine import build_engine
 from core.training.loop import LoopState, loader_metrics, loop_state_from_dict, run_loop
@@ -153,7 +154,7 @@ def train_nvae(config: Stage1Config, resolved: dict[str, Any], parent_run_id: st
                           seed=config.run.seed, cur_nimg=state.cur_nimg)
     data = iter(loader)
 
-    try:
+    with stage_lifecycle(tracker, loader):
         state = run_loop(
             stage, data, loop_cfg, state, checkpoints, info, config.run.seed, run_dir,
             on_report=lambda m, n: tracker.log_metrics(m, step=n),
@@ -170,10 +171,4 @@ def train_nvae(config: Stage1Config, resolved: dict[str, Any], parent_run_id: st
                           state_dict)
         if finished:
             tracker.end("FINISHED")  # a time-sliced invocation leaves its runs open for the next one
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    finally:
-        tracker.close()
-        loader.close()
     return run_dir

@@ -29,7 +29,8 @@ from core.sampling.targets import make_vaebm_potential, split_state
 from core.tracking import Tracker
 from core.visuals import energy_histogram, save_grid
 from core.training.backbone import BackboneNotFound, load_backbone
-from core.training.checkpoint import CheckpointManager, load_run_ids, publish_model, save_run_ids
+from core.training.checkpoint import (CheckpointManager, load_run_ids, publish_model, save_run_ids,
+                                      stage_lifecycle)
 from core.training.config import Stage1Config, Stage2Config, compose
 from core.training.engine import build_engine
 from core.training.loop import LoopState, loader_metrics, loop_state_from_dict, run_loop
@@ -265,7 +266,7 @@ def train_vaebm(config: Stage2Config, resolved: dict[str, Any]) -> Path:
             out["buffer"] = buffer.state_dict()
         return out
 
-    try:
+    with stage_lifecycle(tracker, loader):
         state = run_loop(stage, data, loop_cfg, state, checkpoints, info, config.run.seed, run_dir,
                          on_report=lambda m, n: tracker.log_metrics(m, step=n),
                          on_samples=lambda paths, n: [tracker.log_artifact(p, "samples") for p in paths],
@@ -281,11 +282,5 @@ def train_vaebm(config: Stage2Config, resolved: dict[str, Any]) -> Path:
             publish_model(tracker, run_dir, vaebm_model_name(config.dataset.name), model_bundle, weights)
         if finished:
             tracker.end("FINISHED")
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    finally:
-        tracker.close()
-        loader.close()
     return run_dir
 
