@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from core.seeding import derive_seed  # noqa: F401  (re-exported: callers use core.dist.derive_seed)
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -64,11 +66,6 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
 
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed from (seed, keys...) that differs for every key tuple (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def seed_everything(seed: int, rank: int, step: int) -> None:

@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     from core.models.energy import EnergyNet, energy_preset
     from core.objectives.elbo import ELBOConfig, kl_balance_weights, nelbo_loss
     from core.sampling.langevin import LangevinConfig, run_langevin
-    from core.sampling.targets import make_vaebm_potential
+    from core.methods.potentials import make_vaebm_potential
 
     a = _parse(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a["device"] == "auto" else a["device"])

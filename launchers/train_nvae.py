@@ -1,4 +1,4 @@
-"""Stage 1: train the NVAE backbone (vaebm.md Sec. 3.1).
+"""Stage 1: the NVAE backbone (vaebm.md Sec. 3.1). `launchers/train.py method=nvae`, under the name our users know.
 
     deepspeed launchers/train_nvae.py experiment=<quickstart|cifar10|celeba64|lsun_church64|celebahq256> [key=value ...]
 
@@ -7,9 +7,7 @@ resumes from the newest checkpoint. `dry_run=true` prints the resolved config an
 """
 import sys
 
-from core.training.cli import run_job
-from core.training.config import Stage1Config
-from core.training.stage1 import describe, train_nvae
+from core.training.cli import run_training
 
 if __name__ == "__main__":
-    sys.exit(run_job(Stage1Config, "train_nvae", sys.argv[1:], train_nvae, describe))
+    sys.exit(run_training(sys.argv[1:], default_method="nvae"))

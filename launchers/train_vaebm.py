@@ -1,4 +1,5 @@
-"""Stage 2: train the VAEBM energy network with a Langevin negative phase in the NVAE's noise space (vaebm.md Sec. 3).
+"""VAEBM: the energy network with a Langevin negative phase in the backbone's noise space (vaebm.md Sec. 3).
+`launchers/train.py method=vaebm`, under the name our users know.
 
     deepspeed launchers/train_vaebm.py                              # quickstart: digits, trains its backbone first
     deepspeed launchers/train_vaebm.py experiment=<cifar10|cifar10_persistent|celeba64|lsun_church64|celebahq256> \
@@ -8,10 +9,7 @@ Same command + same `run.dir` resumes. `dry_run=true` prints the resolved config
 """
 import sys
 
-from core.training.cli import run_job
-from core.training.config import Stage2Config
-from core.training.stage2 import describe, train_vaebm
+from core.training.cli import run_training
 
 if __name__ == "__main__":
-    sys.exit(run_job(Stage2Config, "train_vaebm", sys.argv[1:], train_vaebm, describe,
-                     experiment_group="vaebm_experiment"))
+    sys.exit(run_training(sys.argv[1:], default_method="vaebm"))

@@ -1,4 +1,5 @@
 """Energy networks: Table 7 structure, per-sample energies, activations, spectral penalty, data-dependent init."""
+import dataclasses
 import os
 import socket
 
@@ -7,6 +8,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from core.dist import all_reduce_sum
 from core.models.energy import (EnergyNet, EnergyNetConfig, data_dependent_init, energy_config_from_dict,
                                 energy_preset, wn_layers)
 from core.models.energy_blocks import Swish
@@ -169,11 +171,13 @@ def _init_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(100 + rank)  # different random V per rank: init must adopt rank 0's
+        torch.manual_seed(100 + rank)  # different random V per rank: the caller makes them rank 0's first
         net = EnergyNet(_tiny_cifar())
+        for t in list(net.parameters()) + list(net.buffers()):
+            dist.broadcast(t.data, src=0)
         x = _init_batch()
-        shard = x[:3] if rank == 0 else x[3:]  # unequal halves: counts must be all-reduced too
-        data_dependent_init(net, shard)
+        shard = x[:3] if rank == 0 else x[3:]  # unequal halves: counts must be summed over ranks too
+        data_dependent_init(net, shard, reduce=all_reduce_sum)
         torch.save(net.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -189,10 +193,107 @@ def test_data_dependent_init_over_two_ranks_equals_single_process_on_full_batch(
     reference = single.state_dict()
     for key, value in reference.items():
         if key.startswith("spectral."):
-            continue  # power-iteration vectors are broadcast too but are not part of the init
+            continue  # power-iteration vectors are broadcast by the caller too but are not part of the init
         assert torch.equal(r0[key], r1[key]), key  # bit-identical across ranks
         torch.testing.assert_close(r0[key], value, rtol=1e-4, atol=1e-5, msg=key)
     torch.manual_seed(100)
     untouched = EnergyNet(_tiny_cifar()).state_dict()
     assert not torch.equal(r0["stem.log_weight_norm"], untouched["stem.log_weight_norm"])  # the init did run
     assert torch.equal(r0["stem.weight"], untouched["stem.weight"])  # directions V: rank 0's, unchanged
+
+
+def test_data_dependent_init_sums_moments_only_through_reduce():
+    """Every cross-rank statistic goes through `reduce`: a reduce that doubles (two identical ranks) leaves the init
+    unchanged, and each WN layer reduces twice (sums and counts, then centred squares)."""
+    torch.manual_seed(0)
+    cfg = energy_preset("mlp", hidden=16)
+    x = torch.randn(32, 2)
+    single, doubled = EnergyNet(cfg), EnergyNet(cfg)
+    doubled.load_state_dict(single.state_dict())
+    data_dependent_init(single, x)
+    calls = []
+    data_dependent_init(doubled, x, reduce=lambda t: calls.append(t.dtype) or t * 2)
+    assert calls == [torch.float64] * 2 * len(wn_layers(doubled))
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(doubled.state_dict()[key], value, rtol=1e-12, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize("name", [*sorted(TABLE7), "mlp"])
+def test_num_wn_layers_and_their_order_match_the_network(name):
+    """`num_wn_layers` (what init_scales is validated against) counts what EnergyNet builds, and `wn_layers` lists
+    them in the order the forward pass reaches them (the order of init_scales)."""
+    cfg = energy_preset(name, hidden=8) if name == "mlp" else energy_preset(name, base_channels=2)
+    with torch.device("meta"):
+        net = EnergyNet(cfg)
+        x = torch.empty(1, 2) if name == "mlp" else torch.empty(1, 3, cfg.image_size, cfg.image_size)
+    layers = wn_layers(net)
+    assert cfg.num_wn_layers() == len(layers)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, i: seen.append(m)) for m in layers]
+    net(x)
+    for h in hooks:
+        h.remove()
+    assert [id(m) for m in seen] == [id(m) for m in layers]
+    assert dataclasses.replace(cfg, weight_norm=False).num_wn_layers() == 0
+
+
+def test_init_scales_are_validated_against_the_layers():
+    assert energy_preset("mlp", num_layers=2, init_scales=[3.0, 1.0, 0.2]).init_scales == [3.0, 1.0, 0.2]
+    with pytest.raises(ValueError, match="3 weight-normalized layers, got 2"):
+        energy_preset("mlp", num_layers=2, init_scales=[3.0, 1.0])
+    with pytest.raises(ValueError, match="> 0"):
+        energy_preset("mlp", num_layers=2, init_scales=[3.0, 0.0, 0.2])
+    with pytest.raises(ValueError, match="weight-normalized layers"):
+        energy_preset("cifar10", base_channels=4, init_scales=[1.0])
+    n = energy_preset("cifar10").num_wn_layers()
+    assert n == 1 + 2 * 6 + 3 + 1  # stem, two convs per block, three 1x1 shortcuts (Table 7 down blocks), head
+    assert energy_config_from_dict({"preset": "cifar10", "init_scales": [0.5] * n}).init_scales == [0.5] * n
+
+
+def test_per_layer_init_scales_set_each_layer_std():
+    torch.manual_seed(0)
+    net = EnergyNet(energy_preset("mlp", hidden=64, init_scales=[8.0, 1.0, 1.0, 0.2]))
+    x = torch.randn(2048, 2) * 3
+    data_dependent_init(net, x, init_scale=0.7)  # the config's per-layer scales take precedence
+    outputs = _wn_outputs(net, x)
+    for out, scale in zip(outputs, [8.0, 1.0, 1.0, 0.2]):
+        torch.testing.assert_close(out.double().std(dim=0, unbiased=False), torch.full((out.shape[1],), scale,
+                                   dtype=torch.float64), rtol=1e-3, atol=0)
+        torch.testing.assert_close(out.double().mean(dim=0), torch.zeros(out.shape[1], dtype=torch.float64),
+                                   atol=1e-4 * scale, rtol=0)
+
+
+@torch.no_grad()
+def _former_layer_scaled_init(net: EnergyNet, x_batch: torch.Tensor, scales: list[float], eps: float = 1e-6) -> None:
+    """Verbatim arithmetic of the per-layer init the 2-D protocol used before EnergyNetConfig.init_scales existed
+    (single process, MLP only): the reference the config path must reproduce bit for bit."""
+    def make_hook(scale: float):
+        def hook(layer, inputs):
+            v = layer.weight / (layer._direction_norm(layer.weight) + 1e-5)
+            y = F.linear(inputs[0], v)
+            y = y.movedim(-1, 0).reshape(y.shape[-1], -1).double()
+            first = torch.cat([y.sum(dim=1), torch.tensor([float(y.shape[1])], dtype=torch.float64)])
+            mean = first[:-1] / first[-1]
+            var = ((y - mean[:, None]) ** 2).sum(dim=1) / first[-1]
+            inv_std = scale / torch.sqrt(var + eps)
+            layer.log_weight_norm.copy_(torch.log(inv_std).reshape(layer.log_weight_norm.shape))
+            layer.bias.copy_(-mean * inv_std)
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(s)) for m, s in zip(wn_layers(net), scales)]
+    net(x_batch)
+    for handle in handles:
+        handle.remove()
+
+
+def test_init_scales_reproduce_the_former_per_layer_init_bit_for_bit():
+    scales = [8.0, 1.0, 1.0, 0.2]  # the 2-D protocol's energy_first_scale = 8 layout
+    x = torch.randn(1024, 2, generator=torch.Generator().manual_seed(6)) * 3
+    torch.manual_seed(5)
+    reference = EnergyNet(EnergyNetConfig(arch="mlp", data_dim=2, hidden=256, num_layers=3))
+    torch.manual_seed(5)
+    net = EnergyNet(EnergyNetConfig(arch="mlp", data_dim=2, hidden=256, num_layers=3, init_scales=scales))
+    _former_layer_scaled_init(reference, x, scales)
+    data_dependent_init(net, x, init_scale=net.config.init_scale)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(net.state_dict()[key], value), key

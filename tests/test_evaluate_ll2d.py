@@ -12,9 +12,9 @@ import torch
 
 from core.evaluation.density2d import Grid2D, vaebm_log_likelihood
 from core.evaluation.toy2d import (NegativePhase, Toy2DProtocol, ValidationScorer, decoder_components,
-                                   format_ll2d_table, gaussians25_split, layer_scaled_init, mixture_log_density,
+                                   energy_config, format_ll2d_table, gaussians25_split, mixture_log_density,
                                    run_ll2d, train_energy, train_vae)
-from core.models.energy import EnergyNet, EnergyNetConfig
+from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUE_LL = -1.4516  # E_p[log p] of the sigma=0.1 25-Gaussians mixture (the paper's -1.10 is inconsistent with it)
@@ -78,15 +78,18 @@ def test_mixture_log_density_matches_a_direct_sum():
     assert torch.allclose(mixture_log_density(x, mu, sigma), direct, atol=1e-4)
 
 
-def test_layer_scaled_init_sets_each_layer_std():
-    net = EnergyNet(EnergyNetConfig(arch="mlp", data_dim=2, hidden=64, num_layers=3))
+def test_per_layer_energy_init_sets_each_layer_std():
+    cfg = energy_config(Toy2DProtocol(energy_hidden=64))
+    assert cfg.init_scales == [8.0, 1.0, 1.0, 0.2]  # energy_first_scale, 1 inside, VAEBM's 0.2 at the head
+    assert energy_config(Toy2DProtocol(energy_first_scale=0.0)).init_scales is None  # 0.2 for all (init_scale)
+    net = EnergyNet(cfg)
     x = torch.randn(2048, 2) * 3
-    layer_scaled_init(net, x, [8.0, 1.0, 1.0, 0.2])
+    data_dependent_init(net, x, init_scale=cfg.init_scale)
     pre = net.hidden_layers[0](x)
     assert pre.std(dim=0).mean().item() == pytest.approx(8.0, rel=0.05)
     assert net(x).std().item() == pytest.approx(0.2, rel=0.05)
     with pytest.raises(ValueError):
-        layer_scaled_init(net, x, [1.0])
+        EnergyNet(EnergyNetConfig(arch="mlp", data_dim=2, hidden=64, num_layers=3, init_scales=[1.0]))
 
 
 def test_npy_points_have_no_true_row(tmp_path):

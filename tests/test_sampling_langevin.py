@@ -7,8 +7,8 @@ import torch.nn as nn
 
 from core.dist import seed_everything
 from core.models.mlp_vae import MLPVAE, MLPVAEConfig
-from core.sampling import (LangevinConfig, energy_and_grad, join_state, langevin_update, make_vaebm_potential,
-                           rank_generator, run_langevin, split_state)
+from core.methods.potentials import join_state, make_vaebm_potential, split_state
+from core.sampling import LangevinConfig, energy_and_grad, langevin_update, rank_generator, run_langevin
 
 
 def _vaebm(seed: int = 0):

@@ -1,12 +1,13 @@
 """Importance-resampled chain initialization: with a linear-Gaussian VAE and a quadratic energy the VAEBM density
-h ∝ p_vae e^{-E} (vaebm.md Eq. 4) is a known Gaussian; SIR draws must have its mean and variance."""
+h ∝ p_vae e^{-E} (vaebm.md Eq. 4) is a known Gaussian; SIR draws (proposal N(0, I) in eps-space, log-weight
+-E(T(eps)), Eq. 9) must have its mean and variance."""
 import math
 
 import pytest
 import torch
 
 from core.models import MLPVAE, MLPVAEConfig
-from core.sampling import importance_resampled_init, split_state
+from core.sampling import importance_resampled_init
 from core.sampling.resampled_init import systematic_resample
 
 W, B, S = 0.8, 0.5, 0.6  # x = W z + B + S eps_x: p_vae = N(B, W^2 + S^2) = N(0.5, 1.0)
@@ -26,12 +27,29 @@ def _energy(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * C * (x.reshape(-1) - M) ** 2
 
 
+def _sir_callables(vae: MLPVAE, generator: torch.Generator):
+    """The VAEBM case: candidates eps ~ N(0, I) from the VAE's base distribution, log w = -E(T(eps))."""
+    def propose(n: int) -> list[torch.Tensor]:
+        eps_x, eps_z = vae.sample_noise(n, generator=generator)
+        return [eps_x, *eps_z]
+
+    def log_weight(state: list[torch.Tensor]) -> torch.Tensor:
+        return -_energy(_decode(vae, state))
+
+    return propose, log_weight
+
+
+def _decode(vae: MLPVAE, state: list[torch.Tensor]) -> torch.Tensor:
+    return vae.generate(list(state[1:]), state[0])[0].reshape(-1)
+
+
 def _draw(candidates: int, n: int = 20000, scheme: str = "pooled") -> tuple[torch.Tensor, float]:
     vae = _vae()
-    out = importance_resampled_init(vae, _energy, n, candidates, torch.Generator().manual_seed(0), scheme=scheme)
-    eps_x, eps_z = split_state(out.state)
-    assert eps_x.shape == (n, 1) and eps_z[0].shape == (n, 1)
-    return vae.generate(eps_z, eps_x)[0].reshape(-1).double(), out.ess_fraction
+    gen = torch.Generator().manual_seed(0)
+    out = importance_resampled_init(*_sir_callables(vae, gen), n, candidates, gen, scheme=scheme)
+    eps_x, eps_z = out.state
+    assert eps_x.shape == (n, 1) and eps_z.shape == (n, 1)
+    return _decode(vae, out.state).double(), out.ess_fraction
 
 
 @pytest.mark.parametrize("scheme,candidates", [("per_chain", 256), ("pooled", 4)])
@@ -75,8 +93,27 @@ def test_one_candidate_is_the_vae():
     assert float(x.var()) == pytest.approx(W**2 + S**2, rel=0.05)
 
 
+def test_log_weight_is_not_called_for_one_candidate_and_nan_rows_are_never_chosen():
+    calls = []
+    state = importance_resampled_init(lambda n: [torch.zeros(n, 1)], lambda s: calls.append(s) or torch.zeros(3),
+                                      3, 1).state
+    assert calls == [] and state[0].shape == (3, 1)
+    # rows 0..7 carry their index; even rows have a NaN log-weight, odd rows equal finite weights
+    rows = lambda n: [torch.arange(n, dtype=torch.float32)[:, None]]  # noqa: E731
+    nan_even = lambda s: torch.where(s[0][:, 0] % 2 == 0, torch.nan, 0.0)  # noqa: E731
+    for scheme in ("pooled", "per_chain"):
+        picked = importance_resampled_init(rows, nan_even, 4, 2, torch.Generator().manual_seed(0), scheme=scheme)
+        assert bool((picked.state[0] % 2 == 1).all()), scheme
+        assert picked.ess_fraction == pytest.approx(0.5)  # half of the candidates carry all the weight
+
+
 def test_invalid_arguments():
+    propose, log_weight = _sir_callables(_vae(), None)
     with pytest.raises(ValueError):
-        importance_resampled_init(_vae(), _energy, 0, 4)
+        importance_resampled_init(propose, log_weight, 0, 4)
     with pytest.raises(ValueError, match="scheme"):
-        importance_resampled_init(_vae(), _energy, 4, 4, scheme="stratified")
+        importance_resampled_init(propose, log_weight, 4, 4, scheme="stratified")
+    with pytest.raises(ValueError, match="rows"):
+        importance_resampled_init(lambda n: [torch.zeros(n + 1, 1)], log_weight, 4, 4)
+    with pytest.raises(ValueError, match="one value per row"):
+        importance_resampled_init(propose, lambda s: torch.zeros(3), 4, 4)

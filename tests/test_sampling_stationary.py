@@ -15,7 +15,8 @@ import torch.nn as nn
 from core.models.distributions import DiagNormal
 from core.models.interface import LatentGroup, TowerPass
 from core.models.mlp_vae import MLPVAE, MLPVAEConfig
-from core.sampling import LangevinConfig, join_state, make_vaebm_potential, run_langevin
+from core.methods.potentials import join_state, make_vaebm_potential
+from core.sampling import LangevinConfig, run_langevin
 
 CHAINS = 20000
 STEPS = 150

@@ -42,14 +42,13 @@ import torch
 from core.evaluation.density2d import (Grid2D, grid_points, gaussians25_expected_log_likelihood,
                                        gaussians25_log_density, log_partition_on, mc_log_partition, sample_gaussians25)
 from core.evaluation.iwae import iwae_log_likelihood
-from core.models.energy import (EnergyNet, EnergyNetConfig, _direction_output, _global_channel_moments,
-                                data_dependent_init, wn_layers)
+from core.methods.potentials import make_vaebm_potential, split_state
+from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init
 from core.models.mlp_vae import MLPVAE, MLPVAEConfig
 from core.objectives.ebm import vaebm_loss
 from core.optim.clipped_adam import ClippedAdam
 from core.sampling.langevin import LangevinConfig, run_langevin
 from core.sampling.resampled_init import SCHEMES as RESAMPLING_SCHEMES, importance_resampled_init
-from core.sampling.targets import make_vaebm_potential, split_state
 
 log = logging.getLogger("vaebm.evaluation.toy2d")
 
@@ -174,13 +173,8 @@ def train_vae(train: torch.Tensor, protocol: Toy2DProtocol) -> MLPVAE:
 
 
 def energy_config(protocol: Toy2DProtocol) -> EnergyNetConfig:
-    return EnergyNetConfig(arch="mlp", data_dim=2, hidden=protocol.energy_hidden, num_layers=protocol.energy_layers)
-
-
-@torch.no_grad()
-def layer_scaled_init(net: EnergyNet, x_batch: torch.Tensor, scales: list[float], eps: float = 1e-6) -> None:
-    """Salimans & Kingma's data-dependent init (core.models.energy.data_dependent_init) with one output std per
-    weight-normalized layer instead of one for all.
+    """The energy MLP, with one data-dependent-init output std per layer when `energy_first_scale` > 0:
+    `energy_first_scale` for the first layer, 1 for the other hidden layers and 0.2 for the head.
 
     Why: the gains are log-parameterized, so Adam grows them by at most about a factor exp(lr * steps) (1.1x for
     lr 1e-4 and 800 steps). With VAEBM's 0.2 at every layer the first layer's pre-activations vary by only 0.2 std
@@ -188,26 +182,11 @@ def layer_scaled_init(net: EnergyNet, x_batch: torch.Tensor, scales: list[float]
     within the budget (measured: gap_closed stayed <= 0 in pilots of up to 800 steps, lr 1e-4 to 1e-3). A large
     first-layer scale gives swish kinks every ~0.3 in x (random-feature-like), unit scale inside, and a 0.2 head
     keeps E small at the start, so the VAEBM starts at the VAE."""
-    layers = wn_layers(net)
-    if len(layers) != len(scales):
-        raise ValueError(f"layer_scaled_init: {len(layers)} weight-normalized layers, {len(scales)} scales")
-
-    def make_hook(scale: float):
-        def hook(layer: torch.nn.Module, inputs: tuple) -> None:
-            y = _direction_output(layer, inputs[0])
-            mean, var = _global_channel_moments(y, channel_dim=-1)
-            inv_std = scale / torch.sqrt(var + eps)
-            layer.log_weight_norm.copy_(torch.log(inv_std).reshape(layer.log_weight_norm.shape))
-            if layer.bias is not None:
-                layer.bias.copy_(-mean * inv_std)
-        return hook
-
-    handles = [layer.register_forward_pre_hook(make_hook(s)) for layer, s in zip(layers, scales)]
-    try:
-        net(x_batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    cfg = EnergyNetConfig(arch="mlp", data_dim=2, hidden=protocol.energy_hidden, num_layers=protocol.energy_layers)
+    if protocol.energy_first_scale > 0:
+        cfg.init_scales = [protocol.energy_first_scale] + [1.0] * (cfg.num_wn_layers() - 2) + [0.2]
+    cfg.validate()
+    return cfg
 
 
 class ValidationScorer:
@@ -279,9 +258,21 @@ class NegativePhase:
         self.escaped = 0  # chains restarted because they left the data region or went non-finite
         self.ess_fraction = 1.0  # effective sample size fraction of the last SIR draw
 
+    def _propose(self, n: int) -> list[torch.Tensor]:
+        """n eps-space candidates from the VAE's base distribution N(0, I): the SIR proposal."""
+        eps_x, eps_z = self.vae.sample_noise(n, generator=self.gen)
+        return [eps_x, *eps_z]
+
+    def _log_weight(self, state: list[torch.Tensor]) -> torch.Tensor:
+        """log w = -E(T(eps)): h's eps-space density over N(0, I) up to a constant (vaebm.md Eq. 9)."""
+        eps_x, eps_z = split_state(state)
+        x, _ = self.vae.generate(eps_z, eps_x)
+        return -self.energy(x)
+
     def draw(self) -> torch.Tensor:
         p, gen, n = self.protocol, self.gen, self.num_chains
-        init = importance_resampled_init(self.vae, self.energy, n, p.init_candidates, gen, scheme=p.init_resampling)
+        init = importance_resampled_init(self._propose, self._log_weight, n, p.init_candidates, gen,
+                                         scheme=p.init_resampling)
         self.ess_fraction = init.ess_fraction
         keep = (torch.rand(n, generator=gen) < p.persistent)[:, None]
         state = [torch.where(keep, s, f) for s, f in zip(self.state, init.state)]
@@ -324,11 +315,7 @@ def train_energy(vae: MLPVAE, train: torch.Tensor, protocol: Toy2DProtocol,
     energy = EnergyNet(energy_config(protocol))
     gen = torch.Generator().manual_seed(protocol.seed + 202)
     init_batch = train[torch.randint(len(train), (1024,), generator=gen)]
-    if protocol.energy_first_scale > 0:
-        n_wn = len(wn_layers(energy))
-        layer_scaled_init(energy, init_batch, [protocol.energy_first_scale] + [1.0] * (n_wn - 2) + [0.2])
-    else:
-        data_dependent_init(energy, init_batch, init_scale=energy.config.init_scale)
+    data_dependent_init(energy, init_batch, init_scale=energy.config.init_scale)  # per-layer: energy_config
     opt = ClippedAdam(energy.parameters(), lr=protocol.ebm_lr, betas=(protocol.ebm_beta1, 0.999), weight_decay=0.0)
     negatives = NegativePhase(vae, energy, protocol, gen)
     t0 = time.perf_counter()

@@ -9,14 +9,14 @@ the spectral *regularizer* (`spectral_penalty`, coefficient alpha_s = 0.2, 0.3 o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.dist import all_reduce_sum
 from core.models.energy_blocks import ACTIVATIONS, EnergyResBlock, Swish
 from core.models.layers import WNConv2d, WNLinear
 from core.models.presets import preset_with_overrides, split_preset
@@ -47,6 +47,9 @@ class EnergyNetConfig:
     num_layers: int = 3  # mlp only: number of hidden (weight-normalized linear + Swish) layers
     weight_norm: bool = True  # weight-normalize every conv/linear (needed by data_dependent_init)
     init_scale: float = 0.2  # data-dependent init output std per layer (VAEBM's code: 1/5; Salimans & Kingma: 1)
+    # one data-dependent-init output std per weight-normalized layer, in forward order (`wn_layers`, counted by
+    # `num_wn_layers`); None: init_scale for all
+    init_scales: list[float] | None = None
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -56,13 +59,32 @@ class EnergyNetConfig:
         if self.arch == "mlp":
             if min(self.data_dim, self.hidden, self.num_layers) < 1:
                 raise ValueError("mlp needs data_dim, hidden and num_layers >= 1")
-            return
-        if min(self.in_channels, self.base_channels) < 1:
-            raise ValueError("in_channels and base_channels must be >= 1")
-        downs = sum(down for _, down in TABLE7_BLOCKS[self.arch])
-        if self.image_size % (2 ** downs) != 0:
-            raise ValueError(f"{self.arch} down-samples {downs} times: image_size must be a multiple of {2 ** downs}, "
-                             f"got {self.image_size}")
+        else:
+            if min(self.in_channels, self.base_channels) < 1:
+                raise ValueError("in_channels and base_channels must be >= 1")
+            downs = sum(down for _, down in TABLE7_BLOCKS[self.arch])
+            if self.image_size % (2 ** downs) != 0:
+                raise ValueError(f"{self.arch} down-samples {downs} times: image_size must be a multiple of "
+                                 f"{2 ** downs}, got {self.image_size}")
+        if self.init_scales is not None:
+            count = self.num_wn_layers()
+            if len(self.init_scales) != count:
+                raise ValueError(f"init_scales: {self.arch} has {count} weight-normalized layers, got "
+                                 f"{len(self.init_scales)} scales")
+            if not all(math.isfinite(s) and s > 0 for s in self.init_scales):
+                raise ValueError(f"init_scales must be finite and > 0, got {list(self.init_scales)}")
+
+    def num_wn_layers(self) -> int:
+        """Number of weight-normalized layers EnergyNet builds from this config (0 without weight_norm)."""
+        if not self.weight_norm:
+            return 0
+        if self.arch == "mlp":
+            return self.num_layers + 1  # hidden layers + head
+        count, mult_in = 1, 1  # stem
+        for mult, down in TABLE7_BLOCKS[self.arch]:
+            count += 2 + (mult != mult_in or down)  # conv1, conv2, and the 1x1 shortcut where EnergyResBlock has one
+            mult_in = mult
+        return count + 1  # head
 
 
 PRESETS: dict[str, EnergyNetConfig] = {
@@ -140,68 +162,73 @@ class EnergyNet(nn.Module):
 
 
 def wn_layers(module: nn.Module) -> list[nn.Module]:
-    """Weight-normalized layers of `module` in registration order (the order data_dependent_init reports them)."""
+    """Weight-normalized layers of `module` in registration order, which for EnergyNet is also the order the forward
+    pass reaches them (the order of EnergyNetConfig.init_scales)."""
     return [m for m in module.modules() if isinstance(m, (WNConv2d, WNLinear)) and m.weight_norm]
 
 
 def _direction_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Layer output with g = 0 and no bias, i.e. with weight V / (||V|| + 1e-5) exactly as normalized_weight uses."""
-    if isinstance(layer, WNConv2d):
-        v = layer.weight / (layer._direction_norm(layer.weight) + 1e-5)
-        return F.conv2d(x, v, None, layer.stride, layer.padding, layer.dilation, layer.groups)
     v = layer.weight / (layer._direction_norm(layer.weight) + 1e-5)
+    if isinstance(layer, WNConv2d):
+        return F.conv2d(x, v, None, layer.stride, layer.padding, layer.dilation, layer.groups)
     return F.linear(x, v)
 
 
-def _global_channel_moments(y: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (population) variance over every other axis and over all ranks, in float64.
+def _channel_moments(y: torch.Tensor, channel_dim: int,
+                     reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (population) variance over every other axis, in float64; with `reduce` (a sum over
+    ranks) over the concatenated batches of all ranks.
 
-    Two all-reduces (sums and counts, then centred squares) give the moments of the concatenated global batch, so the
-    init equals a single-process init on that batch whatever the split (averaging per-rank std, as VAEBM's code does,
-    would not).
+    Two reductions (sums and counts, then centred squares) give the moments of the global batch, so the init equals a
+    single-process init on that batch whatever the split (averaging per-rank std, as VAEBM's code does, would not).
     """
     y = y.movedim(channel_dim, 0).reshape(y.shape[channel_dim], -1).double()
     first = torch.cat([y.sum(dim=1), torch.tensor([float(y.shape[1])], dtype=torch.float64, device=y.device)])
-    all_reduce_sum(first)
+    if reduce is not None:
+        first = reduce(first)
     mean = first[:-1] / first[-1]
     second = ((y - mean[:, None]) ** 2).sum(dim=1)
-    all_reduce_sum(second)
+    if reduce is not None:
+        second = reduce(second)
     return mean, second / first[-1]
 
 
-def _broadcast_from_rank0(module: nn.Module) -> None:
-    """Make every rank start from rank 0's parameters: with different V, identical moments would not suffice."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=0)
-
-
 @torch.no_grad()
-def data_dependent_init(net: nn.Module, x_batch: torch.Tensor, init_scale: float = 1.0, eps: float = 1e-6) -> None:
-    """Salimans & Kingma (2016) data-dependent init of every weight-normalized layer, layer by layer, on all ranks.
+def data_dependent_init(net: nn.Module, x_batch: torch.Tensor, init_scale: float = 1.0, eps: float = 1e-6, *,
+                        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Salimans & Kingma (2016) data-dependent init of every weight-normalized layer, layer by layer.
 
-    One forward pass on `x_batch` (this rank's share of the init batch). A pre-hook on each WN layer sees the layer's
-    input as produced by the already-initialised layers before it, computes y = (V/||V||) * x, and sets
-        g = log(init_scale / std[y]),   b = -mean[y] * init_scale / std[y]
-    so the layer's output exp(g) * y + b has per-channel mean 0 and std `init_scale` on the global batch. The moments
-    are all-reduced over ranks (when torch.distributed is initialised), and rank 0's weights are broadcast first, so
-    every rank ends with identical weights. VAEBM's code uses init_scale = 0.2 (it divides by 5 * std); the default 1
-    is the paper's unit variance. Collective: every rank must call it.
+    One forward pass on `x_batch`. A pre-hook on each WN layer sees the layer's input as produced by the
+    already-initialised layers before it, computes y = (V/||V||) * x, and sets
+        g = log(s / std[y]),   b = -mean[y] * s / std[y]
+    so the layer's output exp(g) * y + b has per-channel mean 0 and std s. s is the layer's entry of the net's
+    `EnergyNetConfig.init_scales` when set, else `init_scale` for every layer. VAEBM's code uses s = 0.2 (it divides
+    by 5 * std); the default 1 is the paper's unit variance.
+
+    reduce: sums a float64 tensor over ranks and returns the sum (None: a single process). With it, `x_batch` is this
+    rank's share of the init batch, the moments are those of all ranks' batches together, and ranks that start from
+    identical parameters (same seed, or rank 0's broadcast) end with identical weights; every rank must call it.
     """
-    _broadcast_from_rank0(net)
     layers = wn_layers(net)
     if not layers:
         raise ValueError("data_dependent_init needs weight-normalized layers (EnergyNetConfig.weight_norm=True)")
+    per_layer = net.config.init_scales if isinstance(net, EnergyNet) else None
+    scales = [float(s) for s in per_layer] if per_layer is not None else [float(init_scale)] * len(layers)
+    if len(scales) != len(layers):
+        raise ValueError(f"data_dependent_init: {len(layers)} weight-normalized layers, {len(scales)} init_scales")
 
-    def init_layer(layer: nn.Module, inputs: tuple) -> None:
-        y = _direction_output(layer, inputs[0])
-        mean, var = _global_channel_moments(y, channel_dim=1 if isinstance(layer, WNConv2d) else -1)
-        inv_std = init_scale / torch.sqrt(var + eps)
-        layer.log_weight_norm.copy_(torch.log(inv_std).reshape(layer.log_weight_norm.shape))
-        if layer.bias is not None:
-            layer.bias.copy_(-mean * inv_std)
+    def make_hook(scale: float):
+        def init_layer(layer: nn.Module, inputs: tuple) -> None:
+            y = _direction_output(layer, inputs[0])
+            mean, var = _channel_moments(y, 1 if isinstance(layer, WNConv2d) else -1, reduce)
+            inv_std = scale / torch.sqrt(var + eps)
+            layer.log_weight_norm.copy_(torch.log(inv_std).reshape(layer.log_weight_norm.shape))
+            if layer.bias is not None:
+                layer.bias.copy_(-mean * inv_std)
+        return init_layer
 
-    handles = [layer.register_forward_pre_hook(init_layer) for layer in layers]
+    handles = [layer.register_forward_pre_hook(make_hook(s)) for layer, s in zip(layers, scales)]
     try:
         net(x_batch)
     finally:

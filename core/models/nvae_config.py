@@ -1,4 +1,5 @@
-"""Typed NVAE configuration and the papers' presets (vaebm.md App. E; NVlabs/VAEBM README training commands).
+"""Typed NVAE configuration. The defaults are the CPU quickstart backbone; the papers' backbones are presets in
+conf/nvae/<name>.yaml, written as differences from these defaults (vaebm.md App. E; the VAEBM README's NVAE flags).
 
 A model is always rebuilt from this dataclass plus a state dict (`strict=True`); nothing is pickled.
 """
@@ -7,10 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from core.models.presets import preset_with_overrides, split_preset
 
-
-@dataclass(frozen=True)
+@dataclass
 class NVAEConfig:
     image_size: int = 32  # height = width of the (square) input image
     in_channels: int = 3  # image channels
@@ -82,39 +81,3 @@ class NVAEConfig:
             num_groups_per_scale=min(self.num_groups_per_scale, 3 if not self.ada_groups else 4),
             num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_preprocess_cells=min(self.num_preprocess_cells, 2),
             num_postprocess_cells=min(self.num_postprocess_cells, 2))
-
-
-# The papers' backbones. VAEBM trains NVAE with a Normal decoder (vaebm.md App. E) and these architecture flags
-# (NVlabs/VAEBM README). Inverse autoregressive flow cells in q (their --num_nf) are not part of this backbone: they
-# only sharpen q(z|x) in stage 1, and every stage-2 method uses the prior and decoder alone.
-PRESETS: dict[str, NVAEConfig] = {
-    # CPU quickstart and tests: 32x32 images, 2 scales x 2 groups.
-    "tiny": NVAEConfig(),
-    # CIFAR-10: 1 scale x 30 groups at 16x16, 128 channels.
-    "cifar10": NVAEConfig(image_size=32, num_channels_enc=128, num_channels_dec=128, num_latent_scales=1,
-                          num_groups_per_scale=30, num_latent_per_group=20, num_cell_per_cond_enc=2,
-                          num_cell_per_cond_dec=2),
-    # CelebA-64: 3 scales x 5 groups = 15, 48 channels.
-    "celeba64": NVAEConfig(image_size=64, num_channels_enc=48, num_channels_dec=48, num_latent_scales=3,
-                           num_groups_per_scale=5, num_latent_per_group=20, num_cell_per_cond_enc=2,
-                           num_cell_per_cond_dec=2),
-    # LSUN Church Outdoor 64: same backbone as CelebA-64.
-    "lsun_church64": NVAEConfig(image_size=64, num_channels_enc=48, num_channels_dec=48, num_latent_scales=3,
-                                num_groups_per_scale=5, num_latent_per_group=20, num_cell_per_cond_enc=2,
-                                num_cell_per_cond_dec=2),
-    # CelebA-HQ-256: 5 scales x 4 groups = 20, 32 channels, 5-bit inputs.
-    "celebahq256": NVAEConfig(image_size=256, num_channels_enc=32, num_channels_dec=32, num_latent_scales=5,
-                              num_groups_per_scale=4, num_latent_per_group=20, num_cell_per_cond_enc=2,
-                              num_cell_per_cond_dec=2, num_x_bits=5),
-}
-
-
-def nvae_preset(name: str, **overrides) -> NVAEConfig:
-    """A named preset with field overrides; unknown names and fields are clear errors."""
-    return preset_with_overrides("NVAE", PRESETS, name, overrides)
-
-
-def nvae_config_from_dict(values: dict) -> NVAEConfig:
-    """Build from a config mapping such as conf/nvae/*.yaml: `preset` plus field overrides."""
-    name, overrides = split_preset("NVAE", PRESETS, values)
-    return nvae_preset(name, **overrides)

@@ -1,7 +1,7 @@
 """The one Langevin dynamics implementation (vaebm.md Eq. 2), run on any potential U(state) -> per-sample energy.
 
 It knows nothing about VAEs: stage-2 methods build a potential over their noise-space state (for VAEBM the
-ε-space target of vaebm.md Eq. 9, see `core.sampling.targets`) and call `run_langevin`. The state is a list of
+ε-space target of vaebm.md Eq. 9, see `core.methods.potentials`) and call `run_langevin`. The state is a list of
 batch-first tensors (e.g. [eps_x, eps_z_1, ..., eps_z_L]) that is always kept in fp32: steps of η/2·∇U ≈ 1e-6 on
 values ≈ 1 vanish in bf16 (8-bit mantissa, spacing 2^-7 near 1), so only the networks inside U run under autocast.
 """

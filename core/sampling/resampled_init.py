@@ -1,14 +1,17 @@
-"""Chain initialization by sampling-importance-resampling (SIR) from the VAE, for VAEBM in low dimensions.
+"""Chain initialization by sampling-importance-resampling (SIR): draw candidates from a proposal q, weight them by
+w ∝ p/q and keep num_chains of them, so the chains start (approximately) at the target p.
 
-VAEBM's density is h(x) ∝ p_vae(x) exp(-E(x)) (vaebm.md Eq. 4). In ε-space the VAE is the proposal N(0, I) and
-exp(-E(T(ε))) is the exact importance weight of h's ε-space law (Eq. 9: U = E(T(ε)) + ‖ε‖²/2), so drawing K
-proposals per chain and keeping one with probability ∝ exp(-E(T(ε))) gives chains distributed as h up to the
+The caller supplies the proposal (`propose(n)`: n candidate states) and the log-weight (`log_weight(state)`, one
+value per row, up to a constant); this module knows nothing of what the state means. For VAEBM, h(x) ∝ p_vae(x)
+exp(-E(x)) (vaebm.md Eq. 4): in ε-space the VAE is the proposal N(0, I) and log w = -E(T(ε)) is the exact log
+importance weight of h's ε-space law (Eq. 9: U = E(T(ε)) + ‖ε‖²/2), so the kept candidates follow h up to the
 finite-K error of SIR (exact as K -> ∞); the Langevin steps that follow leave h invariant up to discretization.
 
 Two schemes (`scheme`):
 - "pooled" (default): all num_chains·K candidates form one pool and num_chains draws are taken from it by systematic
-  resampling. Each draw then follows the SIR law of a pool of num_chains·K proposals, so the bias towards the VAE
-  is that of K·num_chains candidates, not of K; draws can repeat (the Langevin steps that follow separate them).
+  resampling. Each draw then follows the SIR law of a pool of num_chains·K proposals, so the bias towards the
+  proposal is that of K·num_chains candidates, not of K; draws can repeat (the Langevin steps that follow separate
+  them).
 - "per_chain": each chain keeps one of its own K candidates (multinomial). Draws are independent but each carries
   the larger bias of K proposals; it is the scheme that still spreads the chains where the pooled weights degenerate.
 
@@ -25,13 +28,10 @@ from typing import Callable
 
 import torch
 
-from core.models.interface import NoiseSpaceBackbone
-from core.sampling.targets import join_state
-
 
 @dataclass
 class ResampledInit:
-    state: list[torch.Tensor]  # [eps_x, *eps_z] of the chosen candidates, (num_chains, ...) each, fp32
+    state: list[torch.Tensor]  # the chosen candidates' state, as `propose` lays it out: (num_chains, ...) each
     ess_fraction: float  # effective sample size of the weights over the number of candidates it covers
 
 
@@ -49,24 +49,35 @@ def systematic_resample(probs: torch.Tensor, num: int, generator: torch.Generato
 
 
 @torch.no_grad()
-def importance_resampled_init(backbone: NoiseSpaceBackbone, energy_fn: Callable[[torch.Tensor], torch.Tensor],
-                              num_chains: int, candidates: int, generator: torch.Generator | None = None,
-                              temperature: float = 1.0, scheme: str = "pooled") -> ResampledInit:
-    """Draw num_chains·`candidates` ε ~ N(0, I), weight them by exp(-E(T(ε))) and resample num_chains of them (SIR),
-    from one pool (`scheme="pooled"`) or within each chain's own candidates (`"per_chain"`). candidates = 1 is plain
-    N(0, I). `ess_fraction` is the effective sample size of the weights (of the pool, or the mean over chains)
-    divided by the number of candidates it is computed over."""
+def importance_resampled_init(propose: Callable[[int], list[torch.Tensor]],
+                              log_weight: Callable[[list[torch.Tensor]], torch.Tensor], num_chains: int,
+                              candidates: int, generator: torch.Generator | None = None,
+                              scheme: str = "pooled") -> ResampledInit:
+    """Draw num_chains·`candidates` candidates with `propose(n)` (a list of tensors with n rows each), weight them by
+    exp(`log_weight(state)`) (one value per row) and resample num_chains of them (SIR), from one pool
+    (`scheme="pooled"`) or within each chain's own consecutive `candidates` rows (`"per_chain"`). candidates = 1
+    returns the proposal's draws without calling `log_weight`. Rows with a NaN log-weight are never chosen.
+
+    `generator` drives the resampling only; `propose` draws from its own (close it over the same generator for one
+    reproducible stream: the proposal consumes it first, then the resampling). `ess_fraction` is the effective sample
+    size of the weights (of the pool, or the mean over chains) divided by the number of candidates it covers."""
     if num_chains < 1 or candidates < 1:
         raise ValueError("importance_resampled_init: num_chains and candidates must be >= 1")
     if scheme not in SCHEMES:
         raise ValueError(f"importance_resampled_init: scheme must be one of {SCHEMES}, got {scheme!r}")
     n = num_chains * candidates
-    eps_x, eps_z = backbone.sample_noise(n, generator=generator)
-    state = join_state(eps_x, eps_z)
+    state = list(propose(n))
+    if not state or any(s.shape[0] != n for s in state):
+        raise ValueError(f"importance_resampled_init: propose({n}) must return tensors with {n} rows each, got "
+                         f"{[tuple(s.shape) for s in state]}")
     if candidates == 1:
         return ResampledInit(state=state, ess_fraction=1.0)
-    x, _ = backbone.generate(eps_z, eps_x, temperature)
-    log_w = torch.nan_to_num(-energy_fn(x).float().reshape(n), nan=-torch.inf)  # non-finite E: never chosen
+    log_w = log_weight(state).float()
+    if log_w.numel() != n:
+        raise ValueError(f"importance_resampled_init: log_weight must return one value per row ({n}), got shape "
+                         f"{tuple(log_w.shape)}")
+    # NaN: never chosen; ±inf: clamped to the extreme finite floats (the softmax stays defined)
+    log_w = torch.nan_to_num(log_w.reshape(n), nan=-torch.inf)
     if scheme == "pooled":
         probs = torch.softmax(log_w, dim=0)
         rows = systematic_resample(probs, num_chains, generator)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from core.dist import derive_seed
+from core.seeding import derive_seed
 
 # Keeps these streams disjoint from `core.dist.seed_everything`, which seeds the global RNGs from (seed, rank, step):
 # without it, stream 0 would replay the very numbers the global torch RNG draws in the same step.
@@ -17,7 +17,7 @@ _SAMPLING_DOMAIN = 0x5A4D50  # "ZMP"
 
 def rank_generator(seed: int, rank: int, step: int, device: torch.device | str = "cpu",
                    stream: int = 0) -> torch.Generator:
-    """A torch.Generator on `device` seeded from (seed, rank, step, stream) via `core.dist.derive_seed`.
+    """A torch.Generator on `device` seeded from (seed, rank, step, stream) via `core.seeding.derive_seed`.
 
     stream: separates independent uses within one step (e.g. 0 = chain initialisation, 1 = Langevin noise).
     """

@@ -37,7 +37,21 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class RNGStreams:
+    """This rank's torch / numpy / Python random streams as a named checkpoint entry."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return vdist.rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vdist.set_rng_state(state)
+
+
 class CheckpointManager:
+    """Saves and restores the engine plus named stateful objects (edm2's CheckpointIO idea): `shared` objects are
+    identical on every rank and stored once, in the engine's client state; `per_rank` objects (RNG streams, a replay
+    buffer shard) are stored per rank in rank<r>.pt."""
+
     def __init__(self, run_dir: Path, keep: int, rank: int, world_size: int):
         self.root = run_dir / "checkpoints"
         self.keep = keep
@@ -51,8 +65,8 @@ class CheckpointManager:
         tag = marker.read_text().strip()
         return tag if (self.root / tag).is_dir() else None
 
-    def save(self, engine, cur_nimg: int, client_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
-        """Collective: every rank calls it. `rank_state` is this rank's own state (RNG streams, data cursor)."""
+    def save(self, engine, cur_nimg: int, shared: dict[str, Any], per_rank: dict[str, Any]) -> Path:
+        """Collective: every rank calls it with the same names."""
         tag = tag_for(cur_nimg)
         partial = self.root / f".partial-{tag}"
         if self.rank == 0:
@@ -60,8 +74,9 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
             partial.mkdir(parents=True, exist_ok=True)
         vdist.barrier()
+        client_state = {name: obj.state_dict() for name, obj in shared.items()}
         engine.save_checkpoint(str(partial), tag=tag, client_state=client_state, save_latest=False)
-        torch.save(rank_state, partial / tag / f"rank{self.rank}.pt")
+        torch.save({name: obj.state_dict() for name, obj in per_rank.items()}, partial / tag / f"rank{self.rank}.pt")
         vdist.barrier()  # every rank's files are on disk before the checkpoint is published
         final = self.root / tag
         if self.rank == 0:
@@ -74,8 +89,11 @@ class CheckpointManager:
         vdist.barrier()
         return final
 
-    def load(self, engine) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """Restore the newest complete checkpoint into `engine`; returns (client_state, this rank's state) or None."""
+    def load(self, engine, shared: dict[str, Any], per_rank: dict[str, Any]) -> str | None:
+        """Restore the newest complete checkpoint into `engine` and the named objects; returns its tag, or None
+        when the run directory has no checkpoint. A per-rank file that is missing (a resume with another world
+        size) leaves those objects as they are, with a warning: per-step reseeding keeps runs reproducible per
+        rank count."""
         tag = self.latest_tag()
         if tag is None:
             return None
@@ -83,14 +101,19 @@ class CheckpointManager:
                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"checkpoint {self.root / tag} could not be loaded")
+        for name, obj in shared.items():
+            if name in client_state:
+                obj.load_state_dict(client_state[name])
         rank_file = self.root / tag / f"rank{self.rank}.pt"
         if rank_file.is_file():
             rank_state = torch.load(rank_file, weights_only=False)  # our own file: RNG states hold numpy objects
+            for name, obj in per_rank.items():
+                if name in rank_state:
+                    obj.load_state_dict(rank_state[name])
         else:
             log.warning("no %s (resumed with a different world size?): per-step reseeding keeps runs reproducible "
                         "per rank count", rank_file.name)
-            rank_state = {}
-        return client_state, rank_state
+        return tag
 
     def _prune(self) -> None:
         tags = sorted(p.name for p in self.root.glob("nimg-*") if p.is_dir())
@@ -98,7 +121,7 @@ class CheckpointManager:
             shutil.rmtree(self.root / old, ignore_errors=True)
 
 
-RUN_IDS = "mlflow_runs.json"
+RUN_IDS = "mlflow_runs.json"  # the MLflow runs of a run directory (read by the evaluation job too)
 
 
 def save_run_ids(run_dir: Path, parent: str | None, stage: str | None) -> None:
@@ -122,11 +145,11 @@ def publish_model(tracker, run_dir: Path, name: str, bundle: dict[str, Any], wei
 
 
 @contextlib.contextmanager
-def stage_lifecycle(tracker, loader) -> Iterator[None]:
+def stage_lifecycle(tracker, loaders: list) -> Iterator[None]:
     """Around a stage's training loop, on every rank: an exception (a crash, a kill, divergence) ends the MLflow runs
-    as FAILED and re-raises; either way the tracker (its background logger) and the data loader (its workers) are
-    closed. The body ends the runs as FINISHED itself once the stage is complete (a time-sliced invocation that
-    stops early leaves them open for the next one)."""
+    as FAILED and re-raises; either way the tracker (its background logger) and the data loaders (their workers; the
+    list may grow inside the body) are closed. The body ends the runs as FINISHED itself once the stage is complete
+    (a time-sliced invocation that stops early leaves them open for the next one)."""
     try:
         yield
     except BaseException:
@@ -134,4 +157,5 @@ def stage_lifecycle(tracker, loader) -> Iterator[None]:
         raise
     finally:
         tracker.close()
-        loader.close()
+        for loader in loaders:
+            loader.close()

@@ -1,7 +1,10 @@
-"""Typed configuration of the training jobs, composed by Hydra from conf/ and validated before any rank works.
+"""Typed configuration of the training job, composed by Hydra from conf/ and validated before any rank works.
 
-Every job's config is a dataclass tree; yaml files and `key=value` overrides are merged onto it with OmegaConf, so a
-misspelled key or a wrong type fails with one clear line naming the key.
+A job's schema is the job sections below (`JobConfig`: run, data, loop, engine, tracking) merged with the sections
+of the chosen method (`core/methods/<name>.py`, e.g. `energy`, `sampler`, `backbone` for VAEBM), so every key keeps
+its short name on the command line: `energy.arch=...`, `loop.total_nimg=...`. The method's primary config is
+conf/method/<name>.yaml; its presets are conf/experiment/<name>/<preset>.yaml, short diffs over the dataclass
+defaults. A misspelled key or a wrong type fails with one clear line naming the key.
 """
 from __future__ import annotations
 
@@ -14,11 +17,6 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from core.models.energy import EnergyNetConfig
-from core.models.nvae_config import NVAEConfig, nvae_config_from_dict
-from core.objectives.elbo import ELBOConfig
-from core.sampling.langevin import LangevinConfig
-from core.sampling.replay_buffer import ReplayBufferConfig
 from core.tracking import TrackingConfig
 from data_pipelines.config import DatasetConfig, LoaderConfig
 
@@ -36,20 +34,10 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass
 class RunConfig:
-    dir: str | None = None  # everything the run writes; same command + same dir = resume. None: runs/<experiment>
+    dir: str | None = None  # everything the run writes; same command + same dir = resume. None: runs/<exp>-<method>
     seed: int = 0  # root of every random stream (per-rank, per-step seeds derive from it)
     stop_after_nimg: int | None = None  # end this invocation after this many images (checkpointed), e.g. time slices
     dist_timeout_s: float = 600.0  # collective timeout: a dead rank makes the survivors exit instead of hang
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-2  # peak learning rate (Adamax, as NVAE)
-    lr_min: float = 1e-4  # cosine schedule floor
-    warmup_nimg: int = 0  # linear learning-rate warm-up length in images
-    weight_decay: float = 3e-4  # Adamax weight decay
-    eps: float = 1e-3  # Adamax epsilon (NVAE's 1e-3 keeps early steps tame)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adamax betas
 
 
 @dataclass
@@ -57,7 +45,7 @@ class EngineConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (DeepSpeed mixed precision of the trained network)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-2
     gradient_clipping: float = 0.0  # global-norm clip; 0 disables (DeepSpeed's own default changed to 1.0 in 0.19.3)
-    sync_batchnorm: bool = True  # BatchNorm statistics over all ranks, as NVAE trains
+    sync_batchnorm: bool = True  # BatchNorm statistics over all ranks (GPU, world > 1), as NVAE trains
     initial_loss_scale_power: int = 16  # fp16 only: dynamic loss scale starts at 2**this
 
 
@@ -76,56 +64,59 @@ class LoopConfig:
 
 
 @dataclass
-class Stage1Config:
-    experiment: str = "quickstart"  # preset name (conf/experiment/<name>.yaml); names the run directory
-    nvae: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})  # preset + NVAEConfig overrides
-    objective: ELBOConfig = field(default_factory=ELBOConfig)  # KL warm-up/balancing, regularization
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)  # what to read
-    loader: LoaderConfig = field(default_factory=LoaderConfig)  # how to read it (batch_size is set from loop)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    dry_run: bool = False  # print the resolved config and a model summary, then exit without training
+class JobConfig:
+    """The sections every method's job has; the method's own sections are merged in (see `job_schema`)."""
 
-    def nvae_config(self) -> NVAEConfig:
-        return nvae_config_from_dict(self.nvae)
+    method: str = "vaebm"  # training method: core/methods/<name>.py (train_vaebm.py / train_nvae.py preset it)
+    experiment: str = "quickstart"  # preset name (conf/experiment/<method>/<name>.yaml); names the run directory
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)  # what to read
+    loader: LoaderConfig = field(default_factory=LoaderConfig)  # how to read it (batch_size comes from loop)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # DeepSpeed around the trained network
+    loop: LoopConfig = field(default_factory=LoopConfig)  # schedule, counted in images
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
+    run: RunConfig = field(default_factory=RunConfig)  # run directory, seed, time slices
+    dry_run: bool = False  # print the resolved config and the parameter counts, then exit without training
 
     def run_dir(self) -> Path:
         """Deterministic from the config alone, so every rank agrees without communicating."""
-        return Path(self.run.dir or f"runs/{self.experiment}").expanduser().resolve()
+        return Path(self.run.dir or f"runs/{self.experiment}-{self.method}").expanduser().resolve()
 
     def validate(self) -> None:
-        try:
-            nvae = self.nvae_config()
-        except (KeyError, ValueError, TypeError) as err:
-            raise ConfigError(f"nvae: {err.args[0] if err.args else err}") from None
+        """Job sections here, then the method's own `validate(dataset)`; ValueErrors become ConfigErrors."""
         try:
             self.dataset.validate()
             self.loader.validate()
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        _require(self.engine.precision in ("fp32", "bf16", "fp16"),
-                 f"engine.precision must be fp32|bf16|fp16, got {self.engine.precision!r}")
-        _require(self.engine.zero_stage in (0, 1, 2), f"engine.zero_stage must be 0, 1 or 2, got {self.engine.zero_stage}")
-        _require(self.engine.gradient_clipping >= 0, "engine.gradient_clipping must be >= 0")
+        e = self.engine
+        _require(e.precision in ("fp32", "bf16", "fp16"), f"engine.precision must be fp32|bf16|fp16, got {e.precision!r}")
+        _require(e.zero_stage in (0, 1, 2), f"engine.zero_stage must be 0, 1 or 2, got {e.zero_stage}")
+        _require(e.gradient_clipping >= 0, "engine.gradient_clipping must be >= 0")
         loop = self.loop
         _require(loop.total_nimg > 0 and loop.batch_size > 0, "loop.total_nimg and loop.batch_size must be positive")
         for name in ("report_every_nimg", "sample_every_nimg", "checkpoint_every_nimg"):
             _require(getattr(loop, name) > 0, f"loop.{name} must be positive")
         _require(loop.keep_checkpoints >= 1, "loop.keep_checkpoints must be >= 1")
         _require(loop.max_nonfinite_in_row >= 1, "loop.max_nonfinite_in_row must be >= 1")
-        _require(self.optim.lr > 0 and 0 <= self.optim.lr_min <= self.optim.lr, "need 0 <= optim.lr_min <= optim.lr")
-        _require(len(self.optim.betas) == 2, "optim.betas needs two values")
+        _require(loop.sample_count >= 1, "loop.sample_count must be >= 1")
         _require(self.run.stop_after_nimg is None or self.run.stop_after_nimg > 0, "run.stop_after_nimg must be > 0")
-        _require(self.dataset.resolution in (None, nvae.image_size),
-                 f"dataset.resolution={self.dataset.resolution} but the NVAE image_size is {nvae.image_size}")
-        _require(self.dataset.channels == nvae.in_channels,
-                 f"dataset.channels={self.dataset.channels} but the NVAE expects in_channels={nvae.in_channels}")
-        _require(self.dataset.num_bits == nvae.num_x_bits,
-                 f"dataset.num_bits={self.dataset.num_bits} but the NVAE preset trains on {nvae.num_x_bits}-bit inputs")
-        _require(self.dataset.centered, "dataset.centered must be true: the NVAE models x in [-1, 1]")
+        _require(self.dataset.centered, "dataset.centered must be true: the models work on x in [-1, 1]")
+        try:
+            type(self).method_config_class.validate(self, self.dataset)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(str(err.args[0]) if err.args else str(err)) from None
+
+
+def job_schema(method_name: str) -> type:
+    """The typed schema of `method=<name>`: JobConfig plus the method's config dataclass, as one flat dataclass."""
+    from core.methods import get_method
+
+    method = get_method(method_name)
+    cls = dataclasses.make_dataclass(f"{method.__name__}JobConfig", [], bases=(method.config_class, JobConfig))
+    cls.method_config_class = method.config_class
+    cls.validate = JobConfig.validate  # the method config's validate(dataset) is called from there
+    cls.__doc__ = f"Job config of method={method_name}: {JobConfig.__doc__}"
+    return cls
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -144,137 +135,87 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def compose(schema: type, config_name: str, overrides: list[str], experiment_group: str = "experiment"):
-    """Hydra-compose conf/<config_name>.yaml with `overrides`, merge onto the dataclass `schema`, validate.
-
-    `experiment=<name>` selects from `experiment_group` (each job keeps its presets in its own group, users type
-    the same `experiment=`). Returns (typed config object, resolved plain dict); problems are one-line ConfigErrors.
-    """
-    overrides = [f"{experiment_group}={o.split('=', 1)[1]}" if o.startswith("experiment=") else o for o in overrides]
+def _hydra_compose(schema: type, config_name: str, overrides: list[str]):
+    """Hydra-compose conf/<config_name>.yaml with `overrides` onto the dataclass `schema`: (typed, resolved dict)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
 
-    # The primary yaml lists `<config_name>_schema` first in its defaults: Hydra then knows every typed field, so
+    # The primary yaml lists `<name>_schema` first in its defaults: Hydra then knows every typed field, so
     # `section.field=value` works for fields no yaml mentions, and types are checked as overrides are applied.
-    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
+    schema_name = f"{config_name}_schema"
+    ConfigStore.instance().store(name=schema_name, node=schema)
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=config_name):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=schema_name):
             raw = hydra_compose(config_name=config_name, overrides=overrides)
         merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
         resolved = OmegaConf.to_container(merged, resolve=True)
         typed = OmegaConf.to_object(merged)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(str(err).splitlines()[0]) from None
+    except (ValueError, TypeError) as err:  # a dataclass's own __post_init__ check
+        raise ConfigError(str(err)) from None
+    return typed, resolved
+
+
+def split_method(overrides: list[str], default: str | None = None) -> tuple[str, list[str]]:
+    """(`method=<name>` of the command line (the last one wins) or `default`, the remaining overrides)."""
+    method, rest = default, []
+    for o in overrides:
+        if o.startswith("method="):
+            method = o.split("=", 1)[1]
+        else:
+            rest.append(o)
+    if not method:
+        raise ConfigError("choose a method: method=<name>")
+    return method, rest
+
+
+def compose_job(overrides: list[str], default_method: str | None = None):
+    """Typed, validated job config of `method=<name>` with `overrides`; returns (config, resolved dict, overrides).
+
+    `experiment=<name>` selects conf/experiment/<method>/<name>.yaml (each method keeps its own presets, users type
+    the same `experiment=`). Problems are one-line ConfigErrors.
+    """
+    from core.methods import METHODS, get_method
+
+    method, rest = split_method(overrides, default_method)
+    try:
+        get_method(method)
+    except KeyError:
+        raise ConfigError(f"unknown method {method!r}; choose one of {sorted(METHODS)}") from None
+    hydra_overrides = [f"experiment/{method}={o.split('=', 1)[1]}" if o.startswith("experiment=") else o
+                       for o in rest]
+    typed, resolved = _hydra_compose(job_schema(method), "train", [f"method={method}", *hydra_overrides])
+    typed.validate()
+    return typed, resolved, rest
+
+
+def compose(schema: type, config_name: str, overrides: list[str]):
+    """A single-schema job (sampling, evaluation, data preparation): (typed, resolved dict), validated."""
+    typed, resolved = _hydra_compose(schema, config_name, overrides)
     typed.validate()
     return typed, resolved
 
 
+def load_preset(group: str, name: str, schema: type, **overrides):
+    """A preset of conf/<group>/<name>.yaml (a diff over `schema`'s defaults) as a typed object, e.g.
+    `load_preset("nvae", "cifar10", NVAEConfig)`; unknown names and fields are clear errors."""
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise KeyError(f"unknown {group} preset {name!r}; choose one of {options}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path), overrides)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise KeyError(str(err).splitlines()[0]) from None
+
+
+def preset_names(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
 def asdict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
-
-
-# ----------------------------------------------------------------------------------------------------- stage 2
-@dataclass
-class EBMOptimConfig(OptimConfig):
-    lr: float = 4e-5  # constant learning rate of Table 8
-    lr_min: float = 4e-5  # equal to lr: VAEBM trains with a constant rate
-    betas: list[float] = field(default_factory=lambda: [0.99, 0.999])  # Adam betas (vaebm.md App. E)
-    eps: float = 1e-8  # Adam epsilon
-    weight_decay: float = 3e-5  # Adam weight decay (vaebm.md App. E)
-    clip_std: float = 3.0  # clamp each gradient element to clip_std * sqrt(v_hat) (+ clip_slack)
-    clip_slack: float = 0.1  # additive slack of the official implementation; 0 for the bare formula
-
-
-@dataclass
-class SamplerConfig:
-    langevin: LangevinConfig = field(default_factory=LangevinConfig)  # training chains (Table 8: steps, step size)
-    target: str = "exact"  # exact: E(T(eps)) + |eps|^2/2 (vaebm.md Eq. 9) | reference: the official code's target
-    use_mean: bool = False  # negatives from the decoder mean mu(z) instead of a decoder sample
-    temperature: float = 1.0  # prior temperature inside T_z
-    test_steps: int = 16  # chain length for sample grids and the sampling job (16/20/24 in App. E)
-    persistent: bool = False  # eps_z chains start from the replay buffer with probability p (Table 8 "Persistent")
-
-
-@dataclass
-class EBMObjectiveConfig:
-    alpha_s: float = 0.2  # spectral regularization coefficient (0.2 in App. E; 0.3 for CelebA-HQ-256)
-    max_energy_gap: float = 1e4  # |E(x+) - E(x-)| above this at a report counts as divergence
-    divergence_patience: int = 3  # consecutive divergent reports before training stops
-
-
-@dataclass
-class Stage2Config:
-    experiment: str = "quickstart"  # preset name (conf/experiment_vaebm/<name>.yaml); names the run directory
-    backbone: str = "models:/nvae-digits@latest"  # MLflow model URI or a run/model directory
-    backbone_dtype: str = "fp32"  # precision of the frozen backbone: fp32 | bf16
-    backbone_train_if_missing: bool = False  # train the backbone first (nested stage) when it is not found
-    backbone_experiment: str = "quickstart"  # train_nvae experiment used for that nested stage
-    energy: EnergyNetConfig = field(default_factory=EnergyNetConfig)  # energy network (Table 7)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # Langevin negative phase
-    buffer: ReplayBufferConfig = field(default_factory=ReplayBufferConfig)  # used when sampler.persistent
-    objective: EBMObjectiveConfig = field(default_factory=EBMObjectiveConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
-    optim: EBMOptimConfig = field(default_factory=EBMOptimConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    dry_run: bool = False  # print the resolved config and the energy network summary, then exit
-
-    def run_dir(self) -> Path:
-        return Path(self.run.dir or f"runs/{self.experiment}-vaebm").expanduser().resolve()
-
-    def validate(self) -> None:
-        try:
-            self.dataset.validate()
-            self.loader.validate()
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        _require(self.backbone_dtype in ("fp32", "bf16"), "backbone_dtype must be fp32 or bf16")
-        _require(self.sampler.target in ("exact", "reference"),
-                 f"sampler.target must be exact or reference, got {self.sampler.target!r}")
-        _require(self.sampler.langevin.num_steps >= 1 and self.sampler.langevin.step_size > 0,
-                 "sampler.langevin needs num_steps >= 1 and step_size > 0")
-        _require(self.sampler.test_steps >= 1, "sampler.test_steps must be >= 1")
-        _require(self.buffer.device in ("cpu", "cuda"), "buffer.device must be cpu or cuda")
-        _require(self.objective.alpha_s >= 0, "objective.alpha_s must be >= 0")
-        _require(self.engine.precision in ("fp32", "bf16", "fp16"), "engine.precision must be fp32|bf16|fp16")
-        _require(self.engine.zero_stage in (0, 1, 2), "engine.zero_stage must be 0, 1 or 2")
-        _require(self.loop.total_nimg > 0 and self.loop.batch_size > 0, "loop.total_nimg and batch_size must be > 0")
-        _require(self.optim.clip_std > 0 and self.optim.clip_slack >= 0, "optim.clip_std > 0, clip_slack >= 0")
-        _require(self.dataset.centered, "dataset.centered must be true: the backbones model x in [-1, 1]")
-        try:
-            self.energy.validate()
-        except (ValueError, KeyError) as err:
-            raise ConfigError(f"energy: {err}") from None
-
-
-# ----------------------------------------------------------------------------------------------------- sampling
-@dataclass
-class SampleConfig:
-    model: str = "models:/vaebm-digits@latest"  # MLflow model URI, run directory or model directory of a VAEBM
-    n: int = 64  # samples in total (all ranks together)
-    out: str = "samples"  # output directory
-    format: str = "png"  # png: one file per image | npz: one uint8 array per rank (samples-rank<r>.npz)
-    batch_size: int = 64  # chains per rank at a time
-    seed: int = 0  # samples are a function of (seed, rank, batch index)
-    steps: int | None = None  # Langevin steps; None: the model's test-time length (16/20/24 in App. E)
-    step_size: float | None = None  # None: the training step size (App. E uses it at test time too)
-    temperature: float | None = None  # prior temperature; None: as trained
-    init: str = "normal"  # normal: eps ~ N(0, I) | low_temperature: encoded low-temperature VAE samples (App. E)
-    init_temperature: float = 0.7  # temperature of those VAE samples
-    bn_iterations: int = 20  # BN re-estimation passes for low_temperature init
-    grid: bool = True  # also write grid.png (first 64 samples) and chains.png (a chain strip) on rank 0
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # only for resolving models:/ URIs
-    dist_timeout_s: float = 600.0  # collective timeout
-    dry_run: bool = False  # print the resolved config and exit
-
-    def validate(self) -> None:
-        _require(self.n > 0 and self.batch_size > 0, "n and batch_size must be positive")
-        _require(self.format in ("png", "npz"), f"format must be png or npz, got {self.format!r}")
-        _require(self.init in ("normal", "low_temperature"), f"init must be normal or low_temperature")
-        _require(self.steps is None or self.steps >= 1, "steps must be >= 1")
-        _require(self.step_size is None or self.step_size > 0, "step_size must be > 0")

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from core.training.config import EngineConfig, OptimConfig
+from core.optim.config import OptimConfig
+from core.training.config import EngineConfig
 
 
 def deepspeed_config(engine: EngineConfig, batch_size: int, world_size: int) -> dict[str, Any]:
@@ -22,7 +23,7 @@ def deepspeed_config(engine: EngineConfig, batch_size: int, world_size: int) -> 
         "gradient_clipping": float(engine.gradient_clipping),
         "steps_per_print": 2**62,  # our loop reports; keep DeepSpeed's own step printing off
         "wall_clock_breakdown": False,
-        "zero_allow_untested_optimizer": True,  # a torch optimizer (Adamax/Adam) is passed in on purpose
+        "zero_allow_untested_optimizer": True,  # a torch optimizer is passed in on purpose
         "zero_optimization": {"stage": engine.zero_stage},
         "bf16": {"enabled": engine.precision == "bf16"},
         "fp16": {"enabled": engine.precision == "fp16", "initial_scale_power": engine.initial_loss_scale_power,
@@ -41,22 +42,16 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, lr_
     return (lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * t))) / lr
 
 
-def adamax(optim: OptimConfig):
-    """NVAE's optimizer (Adamax) as a factory of parameters."""
-    return lambda params: torch.optim.Adamax(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                             weight_decay=optim.weight_decay)
-
-
-def build_engine(model: torch.nn.Module, optim: OptimConfig, engine: EngineConfig, batch_size: int,
-                 world_size: int, total_steps: int, optimizer_factory=None):
-    """(engine, optimizer, scheduler). A plain torch optimizer is passed in, avoiding a fused-op JIT build on CPU."""
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim: OptimConfig,
+                 engine: EngineConfig, batch_size: int, world_size: int, total_steps: int):
+    """(engine, optimizer, scheduler) around `model` with the method's torch optimizer (a plain torch optimizer
+    avoids a fused-op JIT build on CPU). Every parameter group follows the warm-up + cosine schedule; a group with
+    its own learning rate decays to the same fraction lr_min / lr of it."""
     import deepspeed
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (optimizer_factory or adamax(optim))(params)
     warmup_steps = math.ceil(optim.warmup_nimg / (batch_size * world_size))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, optim.lr, optim.lr_min))
+    factor = lambda step: warmup_cosine(step, total_steps, warmup_steps, optim.lr, optim.lr_min)  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor] * len(optimizer.param_groups))
     eng, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(engine, batch_size, world_size))

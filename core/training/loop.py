@@ -14,12 +14,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator
 
 import torch
 
 from core import dist as vdist
-from core.training.checkpoint import CheckpointManager, tag_for
+from core.training.checkpoint import CheckpointManager, save_run_ids, tag_for
 from core.training.config import LoopConfig
 
 log = logging.getLogger("vaebm.train")
@@ -30,24 +30,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class DivergenceError(RuntimeError):
-    """Raised on every rank when the stage's health check failed for `patience` consecutive reports."""
-
-
-class Stage(Protocol):
-    """What a job plugs into the loop."""
-
-    engine: Any  # the DeepSpeed engine of the trained network
-
-    def loss(self, batch: dict[str, Any], cur_nimg: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Scalar loss and detached scalar metrics for one batch (the forward pass)."""
-
-    def sample(self, out_dir: Path, cur_nimg: int) -> list[Path]:
-        """Rank 0 only: write sample grids, return their paths."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """Stage-specific client state to checkpoint (beyond the engine's)."""
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    """Raised on every rank when the method's health check failed for `divergence_patience` reports in a row."""
 
 
 @dataclass
@@ -61,6 +44,13 @@ class LoopState:
     last_checkpoint: int = 0
     healthy_checkpoint: str | None = None  # newest checkpoint written while the health check passed
     unhealthy_reports: int = 0  # consecutive reports that failed the health check
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
 
 
 def _crossed(cur: int, last: int, every: int) -> bool:
@@ -94,17 +84,16 @@ class Reporter:
         return out
 
 
-def run_loop(stage: Stage, data: Iterator[dict[str, Any]], loop: LoopConfig, state: LoopState,
-             checkpoints: CheckpointManager, info: vdist.DistInfo, seed: int, run_dir: Path,
-             on_report=None, on_samples=None, client_state=None, rank_state=None,
-             stop_after_nimg: int | None = None, extra_metrics=None, health_check=None,
-             patience: int = 3) -> LoopState:
-    """Train until `loop.total_nimg` (or `stop_after_nimg` more images); returns the final state.
+def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, state: LoopState,
+             checkpoints: CheckpointManager, shared: dict[str, Any], per_rank: dict[str, Any],
+             info: vdist.DistInfo, seed: int, run_dir: Path, tracker, loader=None,
+             stop_after_nimg: int | None = None) -> LoopState:
+    """Train `method` until `loop.total_nimg` (or `stop_after_nimg` more images); returns the final state.
 
-    on_report(metrics, cur_nimg) and on_samples(paths, cur_nimg) run on rank 0; client_state() / rank_state()
-    supply what the checkpoint stores beyond the engine; extra_metrics() adds counters to each report (collective).
-    health_check(metrics) returns a reason string when training is diverging (same metrics on every rank, so every
-    rank decides alike); `patience` failing reports in a row stop training naming the last healthy checkpoint.
+    `shared` / `per_rank` name the stateful objects the checkpoint stores beside the engine (the loop state among
+    them). Reports go to the log and `tracker` on rank 0, with the data loader's bad-sample counters summed over
+    ranks. The method's health check sees the reduced metrics (identical on every rank, so every rank decides alike);
+    `method.divergence_patience` failing reports in a row stop training naming the last healthy checkpoint.
     """
     global_batch = loop.batch_size * info.world_size
     start_nimg = state.cur_nimg
@@ -115,7 +104,6 @@ def run_loop(stage: Stage, data: Iterator[dict[str, Any]], loop: LoopConfig, sta
         from tqdm import tqdm
 
         bar = tqdm(total=loop.total_nimg, initial=state.cur_nimg, unit="img", unit_scale=True, dynamic_ncols=True)
-    engine = stage.engine
     module = engine.module
     try:
         while True:
@@ -127,10 +115,12 @@ def run_loop(stage: Stage, data: Iterator[dict[str, Any]], loop: LoopConfig, sta
                                                                  loop.report_every_nimg)):
                 metrics = reporter.reduce(state.cur_nimg)
                 metrics["train/skipped_steps"] = float(state.skipped)  # identical on every rank
-                if extra_metrics is not None:
-                    metrics.update(extra_metrics())
+                if loader is not None:
+                    metrics.update(loader_metrics(loader, info.device))
+                for i, group in enumerate(engine.optimizer.param_groups):
+                    metrics[f"train/lr" if i == 0 else f"train/lr_group{i}"] = float(group["lr"])
                 metrics["progress/nimg"] = float(state.cur_nimg)
-                problem = health_check(metrics) if health_check is not None else None
+                problem = method.health(metrics)
                 state.unhealthy_reports = state.unhealthy_reports + 1 if problem else 0
                 metrics["train/unhealthy_reports"] = float(state.unhealthy_reports)
                 if info.is_rank0:
@@ -139,10 +129,9 @@ def run_loop(stage: Stage, data: Iterator[dict[str, Any]], loop: LoopConfig, sta
                     if problem:
                         log.warning("unhealthy at nimg=%d (%d in a row): %s", state.cur_nimg,
                                     state.unhealthy_reports, problem)
-                    if on_report is not None:
-                        on_report(metrics, state.cur_nimg)
+                    tracker.log_metrics(metrics, step=state.cur_nimg)
                 state.last_report = state.cur_nimg
-                if state.unhealthy_reports >= patience:
+                if state.unhealthy_reports >= method.divergence_patience:
                     where = (checkpoints.root / state.healthy_checkpoint) if state.healthy_checkpoint else "none yet"
                     raise DivergenceError(f"training diverged at nimg={state.cur_nimg}: {problem}. "
                                           f"Last healthy checkpoint: {where}")
@@ -151,9 +140,8 @@ def run_loop(stage: Stage, data: Iterator[dict[str, Any]], loop: LoopConfig, sta
             if state.cur_nimg > start_nimg and (done or _crossed(state.cur_nimg, state.last_sample,
                                                                  loop.sample_every_nimg)):
                 if info.is_rank0:
-                    paths = stage.sample(run_dir / "samples", state.cur_nimg)
-                    if on_samples is not None:
-                        on_samples(paths, state.cur_nimg)
+                    for path in method.visuals(run_dir / "samples", state.cur_nimg):
+                        tracker.log_artifact(path, "samples")
                 state.last_sample = state.cur_nimg
 
             # 3. checkpoint
@@ -162,9 +150,9 @@ def run_loop(stage: Stage, data: Iterator[dict[str, Any]], loop: LoopConfig, sta
                 state.last_checkpoint = state.cur_nimg
                 if state.unhealthy_reports == 0:
                     state.healthy_checkpoint = tag_for(state.cur_nimg)
-                client = {"loop": _loop_state_dict(state), "stage": stage.state_dict(),
-                          **(client_state() if client_state else {})}
-                checkpoints.save(engine, state.cur_nimg, client, rank_state() if rank_state else {})
+                if info.is_rank0:  # run ids may become known only after a tracking outage ends
+                    save_run_ids(run_dir, *tracker.run_ids)
+                checkpoints.save(engine, state.cur_nimg, shared, per_rank)
 
             # 4. stop check
             if done:
@@ -174,7 +162,7 @@ def run_loop(stage: Stage, data: Iterator[dict[str, Any]], loop: LoopConfig, sta
             batch = next(data)  # before reseeding: whatever RNG the loader consumes must not shift the step's noise
             vdist.seed_everything(seed, info.rank, state.step)
             buffers = [b.detach().clone() for b in module.buffers()]
-            loss, metrics = stage.loss(batch, state.cur_nimg)
+            loss, metrics = method.loss(engine, batch, state.cur_nimg)
             finite = vdist.all_ranks_true(bool(torch.isfinite(loss.detach()).all()), info.device)
             if finite:
                 engine.backward(loss)
@@ -205,19 +193,9 @@ def run_loop(stage: Stage, data: Iterator[dict[str, Any]], loop: LoopConfig, sta
             bar.close()
 
 
-def _loop_state_dict(state: LoopState) -> dict[str, Any]:
-    return dataclasses.asdict(state)
-
-
-def loop_state_from_dict(d: dict[str, Any]) -> LoopState:
-    return LoopState(**d)
-
-
-def loader_metrics(loader, device: torch.device):
-    """extra_metrics callback: the data loader's bad-sample counters summed over ranks (collective)."""
-    def collect() -> dict[str, float]:
-        values = loader.metrics()
-        t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-        vdist.all_reduce_sum(t)
-        return dict(zip(values.keys(), t.tolist()))
-    return collect
+def loader_metrics(loader, device: torch.device) -> dict[str, float]:
+    """The data loader's bad-sample counters summed over ranks (collective)."""
+    values = loader.metrics()
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    vdist.all_reduce_sum(t)
+    return dict(zip(values.keys(), t.tolist()))

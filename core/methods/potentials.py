@@ -1,4 +1,6 @@
-"""ε-space targets of VAEBM: the potential U(ε_x, ε_z) that `core.sampling.langevin` samples exp(-U) from.
+"""ε-space potentials and decoding shared by the methods on a noise-space backbone (vaebm.md Eq. 8-9, App. B).
+
+`core.sampling.langevin` samples exp(-U) for any potential U; this module builds U for VAEBM's pixel-space energy.
 
 The state layout is [eps_x, eps_z_1, ..., eps_z_L] (coarsest group first, as the backbone orders them).
 
@@ -71,3 +73,51 @@ def make_vaebm_potential(backbone: NoiseSpaceBackbone, energy_fn: Callable[[torc
             return energy - log_pz - log_px_z
 
     return potential
+
+
+def decode(backbone: NoiseSpaceBackbone, state: list[torch.Tensor], temperature: float = 1.0,
+           use_mean: bool = True) -> torch.Tensor:
+    """x = T(eps) (vaebm.md Eq. 8, 11) as fp32 images: the decoder mean mu_x(z) or the decoder sample
+    mu_x(z) + sigma_x(z) eps_x. The one place that chooses between them."""
+    eps_x, eps_z = split_state(state)
+    x, tower = backbone.generate(eps_z, eps_x, temperature)
+    return (tower.x_dist.mu if use_mean else x).float()
+
+
+@torch.no_grad()
+def readjusted_bn_sample(backbone, batch: int, temperature: float, iterations: int,
+                         generator: torch.Generator) -> torch.Tensor:
+    """x from the VAE at `temperature` with BN statistics re-estimated at that temperature (NVAE Sec. 5).
+
+    The backbone's own statistics are restored before returning.
+    """
+    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in bns]
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the re-estimation passes
+            m.train()
+        for _ in range(iterations):
+            eps_x, eps_z = backbone.sample_noise(batch, generator=generator)
+            backbone.generate(eps_z, eps_x, temperature)
+        for m in bns:
+            m.eval()
+        eps_x, eps_z = backbone.sample_noise(batch, generator=generator)
+        return backbone.T_z(eps_z, temperature).x_dist.mu
+    finally:
+        for m, (mean, var, momentum) in zip(bns, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.momentum = momentum
+            m.eval()
+
+
+@torch.no_grad()
+def low_temperature_init(backbone, batch: int, temperature: float, bn_iterations: int,
+                         generator: torch.Generator) -> list[torch.Tensor]:
+    """Chain start of vaebm.md App. E: encode a low-temperature sample and invert (x, z) to (eps_x, eps_z)."""
+    x = readjusted_bn_sample(backbone, batch, temperature, bn_iterations, generator)
+    tower = backbone.posterior(x)
+    eps_x, eps_z = backbone.inverse(x, tower.z)
+    return join_state(eps_x, eps_z)

@@ -1,0 +1,316 @@
+"""VAEBM (vaebm.md): an energy network on pixels over a frozen noise-space VAE, negatives by Langevin in (eps_x, eps_z).
+
+    h(x) ∝ p_vae(x) exp(-E(x))                                                      (vaebm.md Eq. 4)
+    loss = E(x+) - E(x-) + alpha_s * SR(E)                                          (vaebm.md Eq. 7, App. E)
+    x- = T(eps) after Langevin on U(eps) = E(T(eps)) + 1/2 ||eps||^2                 (vaebm.md Eq. 9, App. B)
+
+Chains start from fresh noise or, for eps_z, from the cross-rank replay buffer with a probability that ramps up
+(App. E). Registered as `vaebm-<dataset>`; the `vaebm` model kind is rebuilt here too.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from core.methods.base import BackboneConfig, Method, MethodContext, register_method
+from core.methods.bundles import SampleOptions, Samples, TrainedModel, freeze, register, sub_state
+from core.methods.nvae import VAEModel, build_vae, float_state
+from core.methods.potentials import (TARGET_MODES, decode, join_state, low_temperature_init, make_vaebm_potential,
+                                     split_state)
+from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init
+from core.objectives.ebm import vaebm_loss
+from core.optim.clipped_adam import ClippedAdam
+from core.optim.config import OptimConfig
+from core.sampling.langevin import LangevinConfig, run_langevin
+from core.sampling.replay_buffer import ReplayBuffer, ReplayBufferConfig, replay_probability
+from core.sampling.rng import rank_generator
+from core.seeding import derive_seed
+from core.visuals import energy_histogram, save_grid
+
+_GRID_STREAM = 0xF17ED  # fixed noise of the sample grids
+_TEST_CHAIN_STREAM = 0x5A3  # Langevin noise of the grids' test-time chains
+
+
+@dataclass
+class EBMOptimConfig(OptimConfig):
+    lr: float = 4e-5  # constant learning rate of Table 8
+    lr_min: float = 4e-5  # equal to lr: VAEBM trains with a constant rate
+    betas: list[float] = field(default_factory=lambda: [0.99, 0.999])  # Adam betas (vaebm.md App. E)
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 3e-5  # Adam weight decay (vaebm.md App. E)
+    clip_std: float = 3.0  # clamp each gradient element to clip_std * sqrt(v_hat) (+ clip_slack)
+    clip_slack: float = 0.1  # additive slack of the official implementation; 0 for the bare formula
+
+
+@dataclass
+class SamplerConfig:
+    langevin: LangevinConfig = field(default_factory=LangevinConfig)  # training chains (Table 8: steps, step size)
+    target: str = "exact"  # exact: E(T(eps)) + |eps|^2/2 (vaebm.md Eq. 9) | reference: the official code's target
+    use_mean: bool = False  # negatives from the decoder mean mu(z) instead of a decoder sample
+    temperature: float = 1.0  # prior temperature inside T_z
+    test_steps: int = 16  # chain length for sample grids and the sampling job (16/20/24 in App. E)
+    persistent: bool = False  # eps_z chains start from the replay buffer with probability p (Table 8 "Persistent")
+
+
+@dataclass
+class EBMObjectiveConfig:
+    alpha_s: float = 0.2  # spectral regularization coefficient (0.2 in App. E; 0.3 for CelebA-HQ-256)
+    max_energy_gap: float = 1e4  # |E(x+) - E(x-)| above this at a report counts as divergence
+    divergence_patience: int = 3  # consecutive divergent reports before training stops
+
+
+@dataclass
+class VAEBMConfig(BackboneConfig):
+    energy: EnergyNetConfig = field(default_factory=EnergyNetConfig)  # energy network (Table 7)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # Langevin negative phase
+    buffer: ReplayBufferConfig = field(default_factory=ReplayBufferConfig)  # used when sampler.persistent
+    objective: EBMObjectiveConfig = field(default_factory=EBMObjectiveConfig)  # CD loss, divergence detection
+    optim: EBMOptimConfig = field(default_factory=EBMOptimConfig)  # ClippedAdam (App. E)
+
+    def validate(self, dataset) -> None:
+        """Raises ValueError naming the key on an invalid setting."""
+        self.optim.validate()
+        if self.backbone_dtype not in ("fp32", "bf16"):
+            raise ValueError("backbone_dtype must be fp32 or bf16")
+        if self.sampler.target not in TARGET_MODES:
+            raise ValueError(f"sampler.target must be one of {TARGET_MODES}, got {self.sampler.target!r}")
+        if self.sampler.langevin.num_steps < 1:
+            raise ValueError("sampler.langevin.num_steps must be >= 1")
+        if self.sampler.test_steps < 1:
+            raise ValueError("sampler.test_steps must be >= 1")
+        if self.buffer.device not in ("cpu", "cuda"):
+            raise ValueError("buffer.device must be cpu or cuda")
+        if self.objective.alpha_s < 0 or self.objective.divergence_patience < 1:
+            raise ValueError("objective.alpha_s must be >= 0 and objective.divergence_patience >= 1")
+        if self.optim.clip_std <= 0 or self.optim.clip_slack < 0:
+            raise ValueError("optim.clip_std must be > 0 and optim.clip_slack >= 0")
+        try:
+            self.energy.validate()
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"energy: {err}") from None
+
+
+class CastingEnergy(torch.nn.Module):
+    """E(x) in fp32 for inputs of any dtype: the energy net may hold bf16/fp16 weights under the engine."""
+
+    def __init__(self, energy: torch.nn.Module):
+        super().__init__()
+        self.energy = energy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.energy(x.to(next(self.energy.parameters()).dtype)).float()
+
+
+class _Iteration:
+    """The method's step counter (replay-probability ramp, per-step random streams), checkpointed by name."""
+
+    def __init__(self):
+        self.value = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = int(state.get("iteration", 0))
+
+
+@register_method
+class VAEBMMethod(Method):
+    name = "vaebm"
+    config_class = VAEBMConfig
+    model_prefix = "vaebm"
+    needs_backbone = True
+
+    def __init__(self, config: VAEBMConfig, ctx: MethodContext, backbone=None, backbone_bundle=None):
+        super().__init__(config, ctx, backbone, backbone_bundle)
+        if backbone is None:
+            raise ValueError("vaebm needs a frozen backbone")
+        x_shape = tuple(backbone.x_shape())
+        want = (config.energy.in_channels, config.energy.image_size, config.energy.image_size)
+        if config.energy.arch != "mlp" and x_shape != want:
+            raise ValueError(f"the backbone generates {x_shape} but the energy network expects {want}: "
+                             f"set energy.image_size / energy.in_channels")
+        torch.manual_seed(ctx.seed)  # identical initial weights on every rank
+        self.energy = EnergyNet(config.energy).to(ctx.device)
+        self.energy_fp32 = CastingEnergy(self.energy)
+        self.buffer = ReplayBuffer(backbone.latent_shapes(), config.buffer) if config.sampler.persistent else None
+        self.iteration = _Iteration()
+        self.divergence_patience = config.objective.divergence_patience
+        gen = torch.Generator().manual_seed(derive_seed(ctx.seed, _GRID_STREAM))
+        self.fixed_noise = backbone.sample_noise(ctx.sample_count, generator=gen, device=torch.device("cpu"))
+        self.reference_batch: torch.Tensor | None = None  # data images for the energy histogram
+
+    def trained_module(self) -> torch.nn.Module:
+        return self.energy
+
+    def make_optimizer(self, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        o = self.config.optim
+        return ClippedAdam(param_groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                           clip_std=o.clip_std, clip_slack=o.clip_slack)
+
+    def setup(self, first_batch: dict[str, Any], fresh: bool) -> None:
+        """Weight-norm data-dependent init with moments over all ranks (identical weights everywhere) on a fresh
+        run; a few data images kept for the energy histograms."""
+        x = first_batch["x"].to(self.ctx.device).float()
+        if fresh:
+            data_dependent_init(self.energy, x, init_scale=self.config.energy.init_scale,
+                                reduce=self.ctx.reduce_sum)
+        self.reference_batch = x[: self.ctx.sample_count].cpu()
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def potential(self):
+        s = self.config.sampler
+        return make_vaebm_potential(self.backbone, self.energy_fp32, mode=s.target, temperature=s.temperature,
+                                    use_mean=s.use_mean)
+
+    def negatives(self, batch_size: int):
+        """This step's chains: (x-, final eps_z, Langevin result, replayed mask)."""
+        device, seed, rank, it = self.ctx.device, self.ctx.seed, self.ctx.rank, self.iteration.value
+        init_gen = rank_generator(seed, rank, it, "cpu", stream=0)  # chain starts (the buffer draws on the CPU)
+        noise_gen = rank_generator(seed, rank, it, device, stream=1)  # Langevin noise
+        eps_x, eps_z = self.backbone.sample_noise(batch_size, generator=init_gen, device=torch.device("cpu"))
+        replayed = torch.zeros(batch_size, dtype=torch.bool)
+        if self.buffer is not None:  # vaebm.md App. E: eps_z replayed with probability p, eps_x always fresh
+            b = self.config.buffer
+            eps_z, replayed = self.buffer.init_chains(batch_size, replay_probability(it, b.max_p, b.anneal_iterations),
+                                                      init_gen, device=torch.device("cpu"))
+        state = join_state(eps_x.to(device), [e.to(device) for e in eps_z])
+        result = run_langevin(self.potential(), state, self.config.sampler.langevin, generator=noise_gen)
+        with torch.no_grad():
+            x_neg = decode(self.backbone, result.state, self.config.sampler.temperature, self.config.sampler.use_mean)
+        return x_neg, split_state(result.state)[1], result, replayed
+
+    def loss(self, net: Callable[..., torch.Tensor], batch: dict[str, Any], nimg: int):
+        x_pos = batch["x"].to(self.ctx.device, non_blocking=True).float()
+        x_neg, eps_z, chain, replayed = self.negatives(x_pos.shape[0])
+        dtype = next(self.energy.parameters()).dtype
+        e_pos, e_neg = net(torch.cat([x_pos, x_neg]).to(dtype)).float().chunk(2)
+        terms = vaebm_loss(e_pos, e_neg, self.energy.spectral_penalty().float(), self.config.objective.alpha_s)
+        if self.buffer is not None:
+            self.buffer.push(eps_z)
+        self.iteration.value += 1
+        metrics = {
+            "ebm/energy_pos": terms.e_pos, "ebm/energy_neg": terms.e_neg, "ebm/energy_gap": terms.gap,
+            "ebm/spectral": terms.spectral, "ebm/replay_ratio": replayed.float().mean(),
+            "langevin/nonfinite": torch.tensor(float(chain.num_nonfinite)),
+            "langevin/grad_norm": chain.grad_norm[-1].detach().float(),
+            "langevin/energy_start": chain.energy[0].detach().float(),
+            "langevin/energy_end": chain.energy[-1].detach().float(),
+        }
+        return terms.loss, metrics
+
+    # -------------------------------------------------------------------------------------- visuals and health
+    def visuals(self, out_dir: Path, nimg: int) -> list[Path]:
+        """Test-time chains from fixed noise: a sample grid, a chain strip (vaebm.md Fig. 2b), energy histograms."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        s = self.config.sampler
+        lcfg = dataclasses.replace(s.langevin, num_steps=s.test_steps, record_every=max(s.test_steps // 8, 1))
+        device = self.ctx.device
+        eps_x, eps_z = self.fixed_noise
+        gen = torch.Generator(device=device).manual_seed(derive_seed(self.ctx.seed, _TEST_CHAIN_STREAM))
+        result = run_langevin(self.potential(), join_state(eps_x.to(device), [e.to(device) for e in eps_z]), lcfg,
+                              generator=gen)
+        tag = f"nimg-{nimg:012d}"
+        paths = [out_dir / f"{tag}-samples.png", out_dir / f"{tag}-chains.png", out_dir / f"{tag}-energies.png"]
+        with torch.no_grad():
+            x = decode(self.backbone, result.state, s.temperature, s.use_mean)
+            save_grid(x, paths[0])
+            rows = min(8, len(x))
+            frames = [decode(self.backbone, [t[:rows] for t in snap], s.temperature, s.use_mean)
+                      for snap in result.snapshots]
+            save_grid(torch.stack(frames, dim=1).flatten(0, 1), paths[1], nrow=len(frames))
+            e_neg = self.energy_fp32(x).cpu()
+            e_pos = (self.energy_fp32(self.reference_batch.to(device)).cpu()
+                     if self.reference_batch is not None else None)
+        energy_histogram(e_pos, e_neg, paths[2], f"energies at nimg={nimg}")
+        return paths
+
+    def health(self, metrics: dict[str, float]) -> str | None:
+        """Divergence as the official README describes it ("training eventually explodes"): the energy gap blows up
+        or the chains produce non-finite values."""
+        gap, limit = metrics.get("ebm/energy_gap", 0.0), self.config.objective.max_energy_gap
+        if not abs(gap) < limit:  # also catches NaN
+            return f"|E(x+) - E(x-)| = {abs(gap):.3g} exceeds {limit:g}"
+        if metrics.get("langevin/nonfinite", 0.0) > 0:
+            return f"{metrics['langevin/nonfinite']:.3g} non-finite chain samples per step"
+        return None
+
+    def shared_state(self):
+        return {"method": self.iteration}
+
+    def rank_state(self):
+        return {"buffer": self.buffer} if self.buffer is not None else {}
+
+    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        bundle = {"kind": "vaebm", "energy": dataclasses.asdict(self.config.energy), "backbone": self.backbone_bundle,
+                  "sampler": dataclasses.asdict(self.config.sampler)}
+        weights = {f"energy.{k}": v for k, v in float_state(self.energy).items()}
+        weights.update({f"backbone.{k}": v.detach().cpu() for k, v in self.backbone.state_dict().items()})
+        return bundle, weights
+
+    @classmethod
+    def describe(cls, config: VAEBMConfig):
+        return [("Energy network", EnergyNet(config.energy))]
+
+
+@register("vaebm")
+class VAEBMModel(TrainedModel):
+    """A trained VAEBM: frozen backbone, frozen energy network and the sampler settings it was trained with."""
+
+    def __init__(self, backbone, energy: EnergyNet, sampler: SamplerConfig):
+        self.backbone = backbone
+        self.energy_net = energy
+        self.sampler = sampler
+
+    @classmethod
+    def from_bundle(cls, bundle: dict[str, Any], weights: dict[str, torch.Tensor]) -> "VAEBMModel":
+        backbone = build_vae(bundle["backbone"])
+        backbone.load_state_dict(sub_state(weights, "backbone"), strict=True)
+        energy = EnergyNet(EnergyNetConfig(**bundle["energy"]))
+        energy.load_state_dict(sub_state(weights, "energy"), strict=True)
+        s = dict(bundle["sampler"])
+        sampler = SamplerConfig(**{**s, "langevin": LangevinConfig(**s["langevin"])})
+        return cls(backbone, energy, sampler)
+
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "VAEBMModel":
+        self.backbone = freeze(self.backbone, device, dtype)
+        self.energy_net = freeze(self.energy_net, device, torch.float32)
+        return self
+
+    @property
+    def vae(self):
+        return self.backbone
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.energy_net(x).double().reshape(-1)
+
+    def sample(self, n: int, generator: torch.Generator, options: SampleOptions | None = None) -> Samples:
+        """Test-time chains (vaebm.md App. E): `steps` Langevin updates from N(0, I) or a low-temperature start."""
+        o = options or SampleOptions()
+        s = self.sampler
+        t = s.temperature if o.temperature is None else o.temperature
+        use_mean = s.use_mean if o.use_mean is None else o.use_mean
+        lcfg = dataclasses.replace(s.langevin, num_steps=o.steps or s.test_steps,
+                                   step_size=o.step_size or s.langevin.step_size, record_every=o.record_every)
+        device = next(self.energy_net.parameters()).device
+        if o.init == "low_temperature":
+            init = low_temperature_init(self.backbone, n, o.init_temperature, o.bn_iterations, generator)
+        else:
+            eps_x, eps_z = self.backbone.sample_noise(n, generator=generator, device=device)
+            init = join_state(eps_x, eps_z)
+        potential = make_vaebm_potential(self.backbone, self.energy_net, mode=s.target, temperature=t,
+                                         use_mean=use_mean)
+        result = run_langevin(potential, init, lcfg, generator=generator)
+        with torch.no_grad():
+            images = decode(self.backbone, result.state, t, use_mean)
+            frames = [decode(self.backbone, snap, t, use_mean) for snap in result.snapshots] or None
+        return Samples(images, frames)
+
+
+__all__ = ["VAEBMMethod", "VAEBMConfig", "VAEBMModel", "SamplerConfig", "EBMOptimConfig", "EBMObjectiveConfig",
+           "VAEModel"]

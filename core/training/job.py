@@ -1,0 +1,178 @@
+"""The one training job every method runs on (DESIGN.md "Seams"):
+
+    run directory -> tracker -> [frozen backbone] -> method -> engine -> restore -> loader -> loop -> publish
+
+`train(config, resolved, overrides)` is the whole job for `method=<name>`. The method builds its networks and
+computes its loss; this module owns ranks, the DeepSpeed engine, checkpoints, MLflow and the data. A method that
+needs a frozen backbone gets it from the registry or a run directory; with `backbone_train_if_missing=true` a missing
+one is trained first, as a nested MLflow stage, on the same dataset and with the same job-level overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core import dist as vdist
+from core.methods import MethodContext, build_model, get_method
+from core.tracking import Tracker, load_registered_model, resolve_tracking_uri
+from core.training.checkpoint import (CheckpointManager, RNGStreams, load_run_ids, publish_model, save_run_ids,
+                                      stage_lifecycle)
+from core.training.config import JobConfig, compose_job
+from core.training.engine import build_engine
+from core.training.loop import LoopState, run_loop
+from data_pipelines.loader_factory import build_loader
+
+log = logging.getLogger("vaebm.train")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Job-level sections a nested backbone stage inherits from the command line (the method's own sections belong to
+# the other method; `backbone_overrides` carries those).
+_INHERITED_SECTIONS = ("dataset", "loader", "loop", "engine", "tracking", "run")
+
+
+class BackboneNotFound(LookupError):
+    """The backbone reference names no loadable model (not registered yet, or a directory without one)."""
+
+
+def model_name(config: JobConfig) -> str:
+    """Registered model name: `<method prefix>-<dataset>` (e.g. nvae-digits, vaebm-cifar10)."""
+    return f"{get_method(config.method).model_prefix}-{config.dataset.name}"
+
+
+def describe(config: JobConfig, resolved: dict[str, Any]) -> str:
+    """Dry-run text: the resolved config and parameter counts (built on the meta device: no memory, any preset)."""
+    import yaml
+
+    from core.models.summary import format_summary
+
+    text = yaml.safe_dump(resolved, sort_keys=False)
+    with torch.device("meta"):
+        for title, module in get_method(config.method).describe(config):
+            text += f"\n{title} parameters per module:\n" + format_summary(module)
+    return text
+
+
+def load_backbone(reference: str, tracking_uri: str | None, device: torch.device, dtype: torch.dtype):
+    """(frozen noise-space VAE, its bundle) from an MLflow model URI, a run directory or a model directory."""
+    path = Path(reference).expanduser()
+    if "://" not in reference and (path / "model").is_dir():
+        path = path / "model"
+    source = reference if "://" in reference else str(path)
+    try:
+        bundle, weights = load_registered_model(source, tracking_uri=tracking_uri)
+    except Exception as err:  # MLflow raises several types for "no such model / alias / run"
+        raise BackboneNotFound(f"no backbone at {reference}: {err}") from err
+    model = build_model(bundle, weights, device)
+    if model.vae is None:
+        raise BackboneNotFound(f"{reference} is a {bundle.get('kind')!r} model, not a noise-space VAE backbone")
+    return model.to(device, dtype).vae, bundle
+
+
+def inherited_overrides(overrides: list[str]) -> list[str]:
+    """The command-line overrides of job-level sections that a nested backbone stage must see too."""
+    out = []
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        root = key.split(".", 1)[0]
+        if root in _INHERITED_SECTIONS and key != "run.dir":
+            out.append(o)
+    return out
+
+
+def _ensure_backbone(config, info: vdist.DistInfo, tracker: Tracker, run_dir: Path, overrides: list[str]):
+    uri = resolve_tracking_uri(config.tracking)
+    dtype = DTYPES[config.backbone_dtype]
+    try:
+        return load_backbone(config.backbone, uri, info.device, dtype)
+    except BackboneNotFound:
+        if not config.backbone_train_if_missing:
+            raise
+    if info.is_rank0:
+        log.info("backbone %s is not registered: training it first (method=%s experiment=%s)", config.backbone,
+                 config.backbone_method, config.backbone_experiment)
+    nested, nested_resolved, nested_overrides = compose_job(
+        [f"method={config.backbone_method}", f"experiment={config.backbone_experiment}",
+         *inherited_overrides(overrides), *config.backbone_overrides, f"run.dir={run_dir / 'backbone'}"])
+    # The same data as this run, whatever the backbone's preset says (its own checks still apply).
+    nested.dataset = dataclasses.replace(config.dataset)
+    nested_resolved["dataset"] = dataclasses.asdict(config.dataset)
+    nested.tracking = config.tracking
+    nested.validate()
+    backbone_dir = train(nested, nested_resolved, nested_overrides, parent_run_id=tracker.run_ids[0])
+    vdist.barrier()
+    return load_backbone(str(backbone_dir), uri, info.device, dtype)
+
+
+def train(config: JobConfig, resolved: dict[str, Any], overrides: list[str] | None = None,
+          parent_run_id: str | None = None) -> Path:
+    """Run (or resume) the job of `config.method`; returns the run directory. `overrides` are the command-line
+    overrides (a nested backbone stage inherits the job-level ones); `parent_run_id` nests it in a pipeline run."""
+    overrides = list(overrides or [])
+    method_cls = get_method(config.method)
+    run_dir = config.run_dir()
+    info = vdist.init_distributed(config.run.dist_timeout_s)
+    if info.is_rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+    vdist.barrier()
+
+    loop_cfg = config.loop
+    checkpoints = CheckpointManager(run_dir, loop_cfg.keep_checkpoints, info.rank, info.world_size)
+    resuming = checkpoints.latest_tag() is not None
+    ids = load_run_ids(run_dir) if resuming and info.is_rank0 else {}
+    tracker = Tracker(config.tracking, run_dir, info.is_rank0)
+    tracker.start(pipeline=config.experiment, stage=config.method, run_id=ids.get("stage"),
+                  parent_run_id=ids.get("parent") or parent_run_id)
+    loader_cfg = dataclasses.replace(config.loader, batch_size=loop_cfg.batch_size,
+                                     device="cuda" if info.device.type == "cuda" else "cpu")
+    loaders: list[Any] = []
+    with stage_lifecycle(tracker, loaders):
+        backbone, backbone_bundle = (_ensure_backbone(config, info, tracker, run_dir, overrides)
+                                     if method_cls.needs_backbone else (None, None))
+        ctx = MethodContext(device=info.device, seed=config.run.seed, rank=info.rank,
+                            total_nimg=loop_cfg.total_nimg, sample_count=loop_cfg.sample_count,
+                            sample_temperatures=list(loop_cfg.sample_temperatures), reduce_sum=vdist.all_reduce_sum)
+        method = method_cls(config, ctx, backbone, backbone_bundle)
+        module = method.trained_module()
+        if config.engine.sync_batchnorm and info.device.type == "cuda" and info.world_size > 1:
+            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+        first_loader = build_loader(config.dataset, loader_cfg, rank=info.rank, world_size=info.world_size,
+                                    seed=config.run.seed, cur_nimg=0)
+        loaders.append(first_loader)
+        method.setup(next(iter(first_loader)), fresh=not resuming)
+        first_loader.close()
+        loaders.remove(first_loader)
+
+        global_batch = loop_cfg.batch_size * info.world_size
+        total_steps = -(-loop_cfg.total_nimg // global_batch)
+        optimizer = method.make_optimizer(method.param_groups())
+        engine, _, _ = build_engine(module, optimizer, config.optim, config.engine, loop_cfg.batch_size,
+                                    info.world_size, total_steps)
+
+        state = LoopState()
+        shared = {"loop": state, **method.shared_state()}
+        per_rank = {"rng": RNGStreams(), **method.rank_state()}
+        tag = checkpoints.load(engine, shared, per_rank)
+        if tag is not None and info.is_rank0:
+            log.info("resuming from %s at nimg=%d", tag, state.cur_nimg)
+        if tag is None:
+            tracker.log_params(resolved)
+
+        loader = build_loader(config.dataset, loader_cfg, rank=info.rank, world_size=info.world_size,
+                              seed=config.run.seed, cur_nimg=state.cur_nimg)
+        loaders.append(loader)
+        state = run_loop(method, engine, iter(loader), loop_cfg, state, checkpoints, shared, per_rank, info,
+                         config.run.seed, run_dir, tracker, loader=loader, stop_after_nimg=config.run.stop_after_nimg)
+        finished = state.cur_nimg >= loop_cfg.total_nimg
+        if finished and info.is_rank0:
+            bundle, weights = method.export()
+            publish_model(tracker, run_dir, model_name(config), bundle, weights)
+            save_run_ids(run_dir, *tracker.run_ids)
+        if finished:
+            tracker.end("FINISHED")  # a time-sliced invocation leaves its runs open for the next one
+    return run_dir
