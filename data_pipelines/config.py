@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import DataConfigError
 from .manifest import VERIFY_MODES
-from .image_prep import RESIZE_FILTERS
+from .image_prep import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_FILTERS
 
 BUILTIN_SETS = ("digits", "photos256", "faces25", "toy2d")
 TOY2D_FORMULAS = ("25gaussians", "8gaussians", "swissroll")
@@ -45,6 +45,11 @@ class PrepareConfig:
     seed: int = 0  # randomness of built-in sets (photos256 crop positions, toy2d points)
     labels: str = "none"  # folder/zip sources: "subdir" makes first-level directory names the classes
     max_bad_fraction: float = 0.01  # fail the build if more than this fraction of source items cannot be decoded
+    # Largest source image accepted, in pixels (width * height), checked from the image header before anything is
+    # decoded; a larger image is skipped and counted like an undecodable one (manifest `skipped_inputs`, reason
+    # "too_large", within max_bad_fraction). 0 or null: no limit of ours (Pillow's own guard still refuses images
+    # over 2 * PIL.Image.MAX_IMAGE_PIXELS). Default 8192 * 8192: see image_prep.DEFAULT_MAX_IMAGE_PIXELS.
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     overwrite: bool = False  # replace an existing, different dataset in `out`
     verify: str | None = None  # a shard directory: check every SHA-256 against its manifest, build nothing
 
@@ -69,6 +74,8 @@ class PrepareConfig:
         _require(self.formula in TOY2D_FORMULAS, f"formula must be one of {TOY2D_FORMULAS}, got {self.formula!r}")
         _require(self.labels in ("none", "subdir"), f"labels must be none or subdir, got {self.labels!r}")
         _require(0.0 <= self.max_bad_fraction < 1.0, "max_bad_fraction must be in [0, 1)")
+        _require(self.max_image_pixels is None or self.max_image_pixels >= 0,
+                 f"max_image_pixels must be >= 0 (0 or null: no limit), got {self.max_image_pixels}")
 
 
 @dataclass
@@ -89,6 +96,9 @@ class DatasetConfig:
     flip: bool = False  # random horizontal flips, a function of (seed, epoch, sample)
     verify: str = "size"  # on open: off | size (cheap, detects truncation) | sha256 (reads every byte)
     max_bad_fraction: float = 0.01  # fail when more than this fraction of the dataset is undecodable or truncated
+    # Loaders: a stored image whose header declares more pixels than this is not decoded but skipped and counted
+    # as a bad sample (data/bad_samples), like an undecodable one. 0 or null: no limit. Default 8192 * 8192.
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     def validate(self) -> None:
         if self.path is None:
@@ -99,6 +109,8 @@ class DatasetConfig:
         _require(1 <= self.num_bits <= 8, f"dataset.num_bits must be in 1..8, got {self.num_bits}")
         _require(self.verify in VERIFY_MODES, f"dataset.verify must be one of {VERIFY_MODES}, got {self.verify!r}")
         _require(0.0 <= self.max_bad_fraction < 1.0, "dataset.max_bad_fraction must be in [0, 1)")
+        _require(self.max_image_pixels is None or self.max_image_pixels >= 0,
+                 f"dataset.max_image_pixels must be >= 0 (0 or null: no limit), got {self.max_image_pixels}")
         _require(self.formula in TOY2D_FORMULAS, f"dataset.formula must be one of {TOY2D_FORMULAS}")
 
     def prepare_config(self, out: Path) -> PrepareConfig:

@@ -8,13 +8,15 @@ semantics identical across backends while DALI still does the expensive part (de
 scaling). The bytes come from the same index files `fn.readers.webdataset` uses; `launchers/bench_data.py` also
 times that reader for comparison.
 
-Bad samples: a cheap structural check (PNG CRCs, JPEG end marker) runs on the host before bytes enter the
-pipeline, so corrupt samples are replaced and counted exactly as in the torch backend. Anything that still fails
-inside DALI is reported as a DataCorruptionError naming the shards of that batch.
+Bad samples: a cheap structural check (PNG CRCs, JPEG end marker, and `dataset.max_image_pixels` from the header)
+runs on the host before bytes enter the pipeline, so corrupt or oversize samples are replaced and counted exactly
+as in the torch backend. Anything that still fails inside DALI is reported as a DataCorruptionError naming the
+shards of that batch.
 """
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -46,16 +48,17 @@ class _BatchFeed:
     """external_source callback: next plan -> encoded bytes + per-sample metadata. Also records, in order, the
     bad samples each batch met, because DALI returns batches in the order they were fed."""
 
-    def __init__(self, reader: ShardReader, plans: Iterable[BatchPlan]):
+    def __init__(self, reader: ShardReader, plans: Iterable[BatchPlan], max_pixels: int | None):
         self.reader = reader
         self.plans = iter(plans)
+        self.check = partial(check_encoded_image, max_pixels=max_pixels)
         self.pending: deque[tuple[list[BadSample], list[str]]] = deque()
 
     def __call__(self):
         plan = next(self.plans)  # StopIteration ends the pipeline's epoch
         encoded, labels, used, bad = [], [], [], []
         for index in plan.indices.tolist():
-            data, label, actual, met = self.reader.fetch(index, check_encoded_image)
+            data, label, actual, met = self.reader.fetch(index, self.check)
             encoded.append(np.frombuffer(data, dtype=np.uint8))
             labels.append(label)
             used.append(actual)
@@ -124,7 +127,7 @@ class DaliImageLoader(BaseLoader):
         return torch.from_numpy(np.array(tensor))  # copy: DALI reuses its output buffers
 
     def _run(self, plans: Iterable[BatchPlan]) -> Iterator[dict[str, Any]]:
-        feed = _BatchFeed(self.reader, plans)
+        feed = _BatchFeed(self.reader, plans, self.dataset_cfg.max_image_pixels)
         pipe = self._pipeline(feed)
         pipe.build()
         try:

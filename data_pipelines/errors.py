@@ -15,3 +15,8 @@ class ManifestError(RuntimeError):
 
 class DataCorruptionError(RuntimeError):
     """More samples are undecodable or lost to truncated shards than the configured fraction allows."""
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose header declares more pixels than `max_image_pixels` allows; it is skipped and counted like
+    an undecodable input, without its pixels ever being decoded."""

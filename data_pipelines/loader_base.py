@@ -25,7 +25,8 @@ class LoaderStats:
 
     batches: int = 0  # batches delivered by this rank
     images: int = 0  # samples delivered by this rank
-    bad_samples: int = 0  # times a bad sample was met and replaced on this rank (a sample counts once per visit)
+    bad_samples: int = 0  # bad (undecodable, lost, or over dataset.max_image_pixels) samples met and replaced on
+    # this rank; a sample counts once per visit
     bad_indices: set[int] = field(default_factory=set)  # distinct bad samples met on this rank
 
     def metrics(self, prefix: str = "data/") -> dict[str, float]:

@@ -28,6 +28,9 @@ def builtin_dir(dataset: DatasetConfig) -> Path:
     """Cache directory of a built-in set: name plus a digest of the build parameters, so variants coexist."""
     params = asdict(dataset.prepare_config(Path(".")))
     params.pop("out")
+    # Added after cache names were fixed; built-in images are far below any sensible limit. Leaving it out keeps
+    # existing caches valid instead of rebuilding every built-in set under a new name.
+    params.pop("max_image_pixels")
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     return default_cache_dir(dataset.cache_dir) / f"{dataset.name}-{digest}"
 

@@ -3,6 +3,15 @@
 The manifest is written last by the builder, so a directory without one is an incomplete build. `manifest_hash`
 is a content address (geometry + per-shard SHA-256), independent of where or when the shards were built; it keys
 caches derived from the data, such as FID reference statistics.
+
+Compatibility: the schema stays "vaebm-shards/1". Information added later lives inside the existing dict fields
+(`source`, `preprocessing`, the entries of `skipped_inputs`), so manifests written before it load here (the
+accessors below return None or 0 for them) and manifests written now still load in earlier readers.
+  source["bit_depth"]              highest bits per channel among the written inputs (8 for ordinary images)
+  source["bit_depth_counts"]       written inputs per source bit depth, e.g. {"8": 950, "16": 50}
+  source["bit_depth_conversion"]   how inputs deeper than 8 bits were reduced, e.g. "16-bit: round(v * 255 / 65535)"
+  preprocessing["max_image_pixels"] the pixel limit the build applied (0 or None: none)
+  skipped_inputs[i]["reason"]      "undecodable" or "too_large" (over max_image_pixels)
 """
 from __future__ import annotations
 
@@ -50,8 +59,23 @@ class Manifest:
     shards: list[ShardEntry]  # in order; global sample indices run through them in this order
     source: dict[str, Any]  # what was read (kind, path or built-in name, parameters)
     preprocessing: dict[str, Any]  # build-time geometry and encoding settings
-    skipped_inputs: list[dict[str, str]] = field(default_factory=list)  # source items that failed to decode
+    skipped_inputs: list[dict[str, str]] = field(default_factory=list)  # source items skipped: origin, error, reason
     format: str = FORMAT  # manifest schema version
+
+    @property
+    def source_bit_depth(self) -> int | None:
+        """Highest bits per channel among the inputs; None for point sets and manifests written before it existed."""
+        return self.source.get("bit_depth")
+
+    @property
+    def bit_depth_conversion(self) -> str | None:
+        """How inputs deeper than 8 bits were reduced to the stored 8 bits; None if none were (or not recorded)."""
+        return self.source.get("bit_depth_conversion")
+
+    @property
+    def skipped_too_large(self) -> int:
+        """Inputs skipped for exceeding max_image_pixels (also listed, with the undecodable ones, in skipped_inputs)."""
+        return sum(1 for s in self.skipped_inputs if s.get("reason") == "too_large")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

@@ -5,7 +5,8 @@ worker to read *specific* samples in a (seed, epoch) order, with any shard count
 byte range, so a read is one `os.pread` of a few KB from a page-cached file; that is as fast as sequential
 streaming on local or network file systems and needs no shuffle buffer.
 
-Bad input: a sample that cannot be read or decoded is replaced, in its batch slot, by the next good sample in
+Bad input: a sample that cannot be read or decoded, or whose header declares more pixels than the dataset's
+`max_image_pixels` (refused before decoding), is replaced, in its batch slot, by the next good sample in
 dataset order (so every batch keeps its shape and every rank its batch count), and reported back to the loader,
 which counts it, logs it on rank 0 and fails once more than `max_bad_fraction` of the dataset is bad. Shards cut
 short (truncated copies) lose only the samples past the cut; those are known at open time.
@@ -20,9 +21,9 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import numpy as np
-from PIL import Image
 
 from .errors import DataCorruptionError, ManifestError
+from .image_prep import DEFAULT_MAX_IMAGE_PIXELS, open_image
 from .manifest import MANIFEST_NAME, Manifest, check_shards, load_manifest
 from .shard_index import read_index
 
@@ -156,8 +157,8 @@ class ShardReader:
         limit = self.max_bad_fraction * self.num_samples
         if len(bad) > limit:
             raise DataCorruptionError(
-                f"{len(bad)} of {self.num_samples} samples in {self.directory} are undecodable or lost to truncated "
-                f"shards, more than max_bad_fraction={self.max_bad_fraction}; "
+                f"{len(bad)} of {self.num_samples} samples in {self.directory} are undecodable, over "
+                f"max_image_pixels, or lost to truncated shards, more than max_bad_fraction={self.max_bad_fraction}; "
                 f"run `python launchers/prepare_data.py verify={self.directory}` and rebuild the dataset")
 
     def fetch(self, index: int, decode: Callable[[bytes], T]) -> tuple[T, int, int, list[BadSample]]:
@@ -179,16 +180,18 @@ class ShardReader:
                                   f"(max_bad_fraction={self.max_bad_fraction}); first: {bad[0].shard}: {bad[0].reason}")
 
 
-def check_encoded_image(data: bytes) -> bytes:
-    """Cheap structural check for pipelines that decode elsewhere (DALI): PNG chunk CRCs and IEND, JPEG SOI/EOI.
+def check_encoded_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> bytes:
+    """Cheap structural check for pipelines that decode elsewhere (DALI): PNG chunk CRCs and IEND, JPEG SOI/EOI,
+    and the pixel limit from the header (0 or None: no limit), so an oversize image never reaches the decoder.
 
     Catches truncation and bit rot in PNG shards without a full decode on the host.
     """
     if data[:8] == b"\x89PNG\r\n\x1a\n":
-        Image.open(io.BytesIO(data)).verify()  # walks every chunk, checking CRCs up to IEND
+        open_image(data, max_pixels).verify()  # walks every chunk, checking CRCs up to IEND
         return data
     if data[:2] == b"\xff\xd8":
         if data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
             raise ValueError("JPEG without end-of-image marker (truncated)")
+        open_image(data, max_pixels)  # parses the markers up to the frame header only
         return data
     raise ValueError("neither PNG nor JPEG data")

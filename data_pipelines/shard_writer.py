@@ -4,6 +4,11 @@ Output is a pure function of the input and the config (sorted inputs, fixed tar 
 encoders), so rebuilding gives byte-identical shards and the same `manifest_hash`. The build goes to a temporary
 sibling directory and is renamed into place only when complete, so a crash never leaves a half dataset that looks
 finished, and an existing different dataset is never overwritten unless asked.
+
+Inputs that cannot be decoded, or whose header declares more than `max_image_pixels` pixels, are skipped (within
+`max_bad_fraction`) and listed in the manifest's `skipped_inputs`. Inputs deeper than 8 bits per channel are
+reduced by bit depth (image_prep.to_stored_8bit); the depths met and the conversion are recorded in the
+manifest's `source` section.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import io
 import logging
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +26,11 @@ from tqdm import tqdm
 
 from .builtin_sets import BUILTIN_SETS_DEFAULT_SIZE, open_builtin
 from .config import BUILTIN_SETS, PrepareConfig
-from .errors import DataConfigError, DataCorruptionError
+from .errors import DataConfigError, DataCorruptionError, ImageTooLargeError
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry, load_manifest, sha256_file, write_manifest
 from .shard_index import write_index
 from .sources import ImageSource, PointSource, open_path_source
-from .image_prep import prepare_image
+from .image_prep import check_pixel_limit, prepare_image, to_stored_8bit
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +38,18 @@ POINTS_PER_ENTRY = 4096  # point sets are stored as chunks: one tar sample per 4
 LABEL_EXT = "label"  # int32 little-endian; DALI's webdataset reader returns it as an integer with dtypes=INT32
 POINTS_EXT = "points.npy"
 TAR_MTIME = 0.0  # fixed so identical input gives identical bytes (and an identical manifest hash)
+# manifest["source"] keys observed while building rather than requested: ignored when deciding whether an existing
+# dataset is the one asked for.
+SOURCE_RESULT_KEYS = ("bit_depth", "bit_depth_counts", "bit_depth_conversion")
+# manifest["preprocessing"] keys introduced after datasets were already built: a manifest without one was built
+# before it existed and is not rebuilt merely because of its absence.
+ADDED_PREPROCESSING_KEYS = ("max_image_pixels",)
 
 
 def _open_source(cfg: PrepareConfig) -> ImageSource | PointSource:
     if cfg.source in BUILTIN_SETS:
         return open_builtin(cfg.source, cfg.num_samples, cfg.seed, cfg.formula)
-    source = open_path_source(cfg.source, cfg.labels)
+    source = open_path_source(cfg.source, cfg.labels, cfg.max_image_pixels)
     if cfg.num_samples is not None:
         if isinstance(source, PointSource):
             source.points = source.points[: cfg.num_samples]
@@ -54,7 +66,8 @@ def _preprocessing(cfg: PrepareConfig, source: ImageSource | PointSource) -> dic
     size = cfg.size if cfg.size is not None else BUILTIN_SETS_DEFAULT_SIZE.get(cfg.source)
     return {"size": size, "crop": cfg.crop, "resize_filter": cfg.resize_filter, "format": cfg.format,
             "jpeg_quality": cfg.jpeg_quality if cfg.format == "jpg" else None,
-            "samples_per_shard": cfg.samples_per_shard, "max_shard_bytes": cfg.max_shard_bytes}
+            "samples_per_shard": cfg.samples_per_shard, "max_shard_bytes": cfg.max_shard_bytes,
+            "max_image_pixels": cfg.max_image_pixels}
 
 
 def _encode(image: Image.Image, fmt: str, quality: int) -> bytes:
@@ -64,17 +77,6 @@ def _encode(image: Image.Image, fmt: str, quality: int) -> bytes:
     else:
         image.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
     return buf.getvalue()
-
-
-def _stored_mode(image: Image.Image) -> Image.Image:
-    """Grayscale stays 1-channel (smaller; loaders replicate to RGB on demand), everything else becomes RGB."""
-    if image.mode in ("L", "1", "I", "I;16", "F", "LA"):
-        if image.mode in ("I", "I;16", "F"):
-            a = np.asarray(image, dtype=np.float64)
-            a = a / 257.0 if a.max() > 255 else a  # 16-bit grayscale to 8 bits
-            return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
-        return image.convert("L")
-    return image.convert("RGB")
 
 
 class _ShardCollector:
@@ -109,17 +111,25 @@ def _write_images(source: ImageSource, cfg: PrepareConfig, tmp: Path, name: str,
     skipped: list[dict[str, str]] = []
     allowed_bad = int(cfg.max_bad_fraction * len(source))
     shape, channels, labels, written = None, 1, [], 0
+    depths: Counter[int] = Counter()
+    conversions: set[str] = set()
     with _writer(tmp, name, cfg, collector, cfg.samples_per_shard) as sink:
         for item in tqdm(source, total=len(source), desc=f"building {name}", unit="img", disable=not progress):
             try:
-                image = prepare_image(_stored_mode(item.load()), size, cfg.crop, cfg.resize_filter)
-            except Exception as e:  # any decoder error: skip this input, report it in the manifest
-                skipped.append({"origin": item.origin, "error": f"{type(e).__name__}: {e}"})
-                log.warning("skipping undecodable input %s: %s", item.origin, e)
+                image = item.load()  # path sources refuse an oversize image from its header, before decoding it
+                check_pixel_limit(image.size, cfg.max_image_pixels)  # images that sources hold in memory
+                image, bits, conversion = to_stored_8bit(image)
+                image = prepare_image(image, size, cfg.crop, cfg.resize_filter)
+            except Exception as e:  # any decoder error, or over the pixel limit: skip, report it in the manifest
+                reason = "too_large" if isinstance(e, ImageTooLargeError) else "undecodable"
+                skipped.append({"origin": item.origin, "error": f"{type(e).__name__}: {e}", "reason": reason})
+                log.warning("skipping %s input %s: %s", "oversize" if reason == "too_large" else "undecodable",
+                            item.origin, e)
                 if len(skipped) > allowed_bad:
                     raise DataCorruptionError(
-                        f"{len(skipped)} of {len(source)} inputs failed to decode (max_bad_fraction="
-                        f"{cfg.max_bad_fraction}); first: {skipped[0]['origin']}: {skipped[0]['error']}") from e
+                        f"{len(skipped)} of {len(source)} inputs failed to decode or exceed max_image_pixels="
+                        f"{cfg.max_image_pixels} (max_bad_fraction={cfg.max_bad_fraction}); first: "
+                        f"{skipped[0]['origin']}: {skipped[0]['error']}") from e
                 continue
             if shape is None:
                 shape = image.size
@@ -133,13 +143,30 @@ def _write_images(source: ImageSource, cfg: PrepareConfig, tmp: Path, name: str,
                 labels.append(item.label)
             sink.write(sample)
             written += 1
+            depths[bits] += 1
+            if conversion is not None:
+                conversions.add(conversion)
+    if skipped:
+        too_large = sum(s["reason"] == "too_large" for s in skipped)
+        log.warning("skipped %d of %d inputs (%d over max_image_pixels=%s); listed in the manifest's skipped_inputs",
+                    len(skipped), len(source), too_large, cfg.max_image_pixels)
     if written == 0:
         raise DataCorruptionError(f"no decodable images in {cfg.source}")
     if labels and len(labels) != written:
         raise DataConfigError(f"{cfg.source}: some inputs have labels and some do not")
     return {"kind": "image", "num_samples": written, "image_size": [shape[1], shape[0]], "channels": channels,
             "encoding": cfg.format, "has_labels": bool(labels), "num_classes": (max(labels) + 1) if labels else None,
-            "shards": collector.entries, "skipped_inputs": skipped}
+            "shards": collector.entries, "skipped_inputs": skipped,
+            "source_result": {"bit_depth": max(depths), "bit_depth_counts": {str(b): depths[b] for b in sorted(depths)},
+                              "bit_depth_conversion": "; ".join(sorted(conversions)) or None}}
+
+
+def _same_request(existing: Manifest, spec: dict, name: str) -> bool:
+    """Whether `existing` was built from this source with this preprocessing (then nothing is rebuilt)."""
+    source = {k: v for k, v in existing.source.items() if k not in SOURCE_RESULT_KEYS}
+    wanted = {k: v for k, v in spec["preprocessing"].items()
+              if k in existing.preprocessing or k not in ADDED_PREPROCESSING_KEYS}
+    return existing.name == name and source == spec["source"] and existing.preprocessing == wanted
 
 
 def _write_points(source: PointSource, cfg: PrepareConfig, tmp: Path, name: str, progress: bool) -> dict:
@@ -178,7 +205,7 @@ def build_dataset(cfg: PrepareConfig, progress: bool = True) -> Manifest:
     if out.exists() and any(out.iterdir()):
         if (out / MANIFEST_NAME).is_file():
             existing = load_manifest(out)
-            if {"source": existing.source, "preprocessing": existing.preprocessing} == spec and existing.name == name:
+            if _same_request(existing, spec, name):
                 log.info("%s already holds this dataset (manifest hash %s); nothing to do", out, existing.content_hash())
                 return existing
             what = f"a different dataset (source {existing.source})"
@@ -195,7 +222,9 @@ def build_dataset(cfg: PrepareConfig, progress: bool = True) -> Manifest:
             fields = _write_points(source, cfg, tmp, name, progress)
         else:
             fields = _write_images(source, cfg, tmp, name, progress)
-        manifest = Manifest(name=name, source=spec["source"], preprocessing=spec["preprocessing"], **fields)
+        source_result = fields.pop("source_result", {})
+        manifest = Manifest(name=name, source={**spec["source"], **source_result},
+                            preprocessing=spec["preprocessing"], **fields)
         write_manifest(tmp, manifest)
         if out.exists():
             shutil.rmtree(out)

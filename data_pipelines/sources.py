@@ -4,10 +4,14 @@
 A source is a sized sequence of `SourceItem`s in a deterministic order (sorted names, ascending keys) so the same
 input always gives the same shards. Decoding is deferred to `SourceItem.load()` so one unreadable file is skipped
 and reported by the writer instead of ending the build.
+
+Every reader takes `max_pixels` (PrepareConfig.max_image_pixels): `load()` of an image over it raises
+ImageTooLargeError having read only the image's header (or, for arrays, their shape), so such an input is skipped
+and counted like an undecodable one without its pixels ever being allocated. Images keep their source bit depth
+in `image.info` (see image_prep.to_stored_8bit), which the writer records in the manifest.
 """
 from __future__ import annotations
 
-import io
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .image_prep import as_uint8_hwc
+from .image_prep import DEFAULT_MAX_IMAGE_PIXELS, array_to_image, check_pixel_limit, decode_source_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 ARRAY_IMAGE_KEYS = ("images", "x", "data", "arr_0")
@@ -29,7 +33,7 @@ class SourceItem:
 
     origin: str  # file path, zip member or LMDB key: what a skip report names
     label: int | None  # class index, or None for unlabelled sources
-    load: Callable[[], Image.Image]  # decodes the image (may raise on corrupt input)
+    load: Callable[[], Image.Image]  # decodes the image (may raise on corrupt or oversize input)
 
 
 @dataclass
@@ -55,10 +59,9 @@ class PointSource:
     description: dict  # recorded as manifest["source"]
 
 
-def _decode_bytes(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()  # force the full decode here so truncated files fail inside the writer's try block
-    return image
+def _decode_bytes(data: bytes, max_pixels: int | None) -> Image.Image:
+    # header check first, then the full decode here so truncated files fail inside the writer's try block
+    return decode_source_image(data, max_pixels)
 
 
 def _class_of(relative: Path) -> str | None:
@@ -77,7 +80,8 @@ def _labels_from_dirs(names: list[str | None], labels: str) -> list[int | None]:
     return [classes[n] for n in names]
 
 
-def folder_source(root: str | Path, labels: str = "none") -> ImageSource:
+def folder_source(root: str | Path, labels: str = "none",
+                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ImageSource:
     """All images under `root`, recursively, in sorted path order (CelebA-HQ as users unpack it)."""
     root = Path(root)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -85,11 +89,12 @@ def folder_source(root: str | Path, labels: str = "none") -> ImageSource:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     rel = [p.relative_to(root) for p in files]
     ys = _labels_from_dirs([_class_of(r) for r in rel], labels)
-    items = [SourceItem(str(p), y, (lambda p=p: _decode_bytes(p.read_bytes()))) for p, y in zip(files, ys)]
+    items = [SourceItem(str(p), y, (lambda p=p: _decode_bytes(p.read_bytes(), max_pixels))) for p, y in zip(files, ys)]
     return ImageSource(items, {"kind": "folder", "path": str(root.resolve()), "labels": labels})
 
 
-def zip_source(path: str | Path, labels: str = "none") -> ImageSource:
+def zip_source(path: str | Path, labels: str = "none",
+               max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ImageSource:
     """Images inside a zip archive, in sorted member order; members are read lazily from one open handle."""
     path = Path(path)
     archive = zipfile.ZipFile(path)
@@ -97,7 +102,8 @@ def zip_source(path: str | Path, labels: str = "none") -> ImageSource:
     if not names:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}")
     ys = _labels_from_dirs([_class_of(Path(n)) for n in names], labels)
-    items = [SourceItem(f"{path}:{n}", y, (lambda n=n: _decode_bytes(archive.read(n)))) for n, y in zip(names, ys)]
+    items = [SourceItem(f"{path}:{n}", y, (lambda n=n: _decode_bytes(archive.read(n), max_pixels)))
+             for n, y in zip(names, ys)]
     return ImageSource(items, {"kind": "zip", "path": str(path.resolve()), "labels": labels})
 
 
@@ -110,10 +116,11 @@ def _pick(arrays, keys: tuple[str, ...], path: Path, what: str, required: bool):
     return None
 
 
-def array_source(path: str | Path) -> ImageSource | PointSource:
+def array_source(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ImageSource | PointSource:
     """An .npy of images (N,H,W[,C]) or points (N,D), or an .npz holding one plus optional labels.
 
-    Images may be uint8, bool, or float in [0,1]; a 2-D array is a point set (toy densities from a file).
+    Images may be uint8, uint16 (reduced by bit depth: round(v * 255 / 65535)), bool, or float in [0,1]; a 2-D
+    array is a point set (toy densities from a file).
     """
     path = Path(path)
     if path.suffix == ".npz":
@@ -132,12 +139,17 @@ def array_source(path: str | Path) -> ImageSource | PointSource:
         raise ValueError(f"{path}: expected images (N,H,W[,C]) or points (N,D), got shape {data.shape}")
     if data.ndim == 4 and data.shape[1] in (1, 3) and data.shape[-1] not in (1, 3, 4):
         data = np.moveaxis(data, 1, -1)  # NCHW arrays (torch convention) -> NHWC
-    items = [SourceItem(f"{path}[{i}]", None if labels is None else int(labels[i]),
-                        (lambda i=i: Image.fromarray(as_uint8_hwc(data[i])))) for i in range(len(data))]
+
+    def load(i: int) -> Image.Image:
+        check_pixel_limit((data.shape[2], data.shape[1]), max_pixels)  # from the shape, before reading the pixels
+        return array_to_image(data[i])
+
+    items = [SourceItem(f"{path}[{i}]", None if labels is None else int(labels[i]), (lambda i=i: load(i)))
+             for i in range(len(data))]
     return ImageSource(items, description)
 
 
-def lmdb_source(path: str | Path) -> ImageSource:
+def lmdb_source(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ImageSource:
     """An LMDB as NVAE's `create_*_lmdb.py` write it: keys b"0".."N-1"; values are encoded images (PNG/JPEG) or
     raw square RGB uint8 buffers (NVAE's `is_encoded=False` layout: side = sqrt(len/3))."""
     try:
@@ -155,10 +167,11 @@ def lmdb_source(path: str | Path) -> ImageSource:
         if data is None:
             raise KeyError(f"key {i} missing")
         if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:2] == b"\xff\xd8":
-            return _decode_bytes(data)
+            return _decode_bytes(data, max_pixels)
         side = int(round(np.sqrt(len(data) / 3)))
         if side * side * 3 != len(data):
             raise ValueError(f"{len(data)} bytes is neither an encoded image nor a square RGB buffer")
+        check_pixel_limit((side, side), max_pixels)
         return Image.fromarray(np.frombuffer(data, np.uint8).reshape(side, side, 3), "RGB")
 
     items = [SourceItem(f"{path}[{i}]", None, (lambda i=i: load(i))) for i in range(count)]
@@ -169,17 +182,19 @@ def is_lmdb(path: Path) -> bool:
     return (path.is_dir() and (path / "data.mdb").is_file()) or path.suffix == ".mdb" or path.suffix == ".lmdb"
 
 
-def open_path_source(path: str | Path, labels: str = "none") -> ImageSource | PointSource:
-    """Pick the reader from what `path` is: LMDB dir, image folder, .zip, .npy/.npz."""
+def open_path_source(path: str | Path, labels: str = "none",
+                     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ImageSource | PointSource:
+    """Pick the reader from what `path` is: LMDB dir, image folder, .zip, .npy/.npz. Images over `max_pixels`
+    (0 or None: no limit) raise ImageTooLargeError on `load()`, before their pixels are decoded."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"source not found: {p}")
     if is_lmdb(p):
-        return lmdb_source(p)
+        return lmdb_source(p, max_pixels)
     if p.is_dir():
-        return folder_source(p, labels)
+        return folder_source(p, labels, max_pixels)
     if p.suffix.lower() == ".zip":
-        return zip_source(p, labels)
+        return zip_source(p, labels, max_pixels)
     if p.suffix.lower() in (".npy", ".npz"):
-        return array_source(p)
+        return array_source(p, max_pixels)
     raise ValueError(f"don't know how to read {p}: expected an image folder, .zip, .npy/.npz or LMDB")

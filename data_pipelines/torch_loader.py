@@ -5,28 +5,34 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator
 
-import io
-
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .config import DatasetConfig, LoaderConfig
+from .image_prep import DEFAULT_MAX_IMAGE_PIXELS, GRAY_16_MODES, open_image, reduce_16_to_8
 from .loader_base import BaseLoader
 from .shard_reader import ShardReader
 from .sharding import BatchPlan
 from .transforms import to_model_range
 
 
-def decode_to_uint8(data: bytes, channels: int, resolution: int | None) -> torch.Tensor:
+def decode_to_uint8(data: bytes, channels: int, resolution: int | None,
+                    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Encoded PNG/JPEG -> uint8 (C, H, W) with Pillow; grayscale is replicated for C=3, RGB reduced to ITU-R 601
     luma for C=1; optional antialiased bilinear resize.
+
+    An image whose header declares more than `max_pixels` pixels (0 or None: no limit) raises ImageTooLargeError
+    before it is decoded; the reader skips and counts it like an undecodable sample. 16-bit grayscale (not written
+    by prepare_data, but possible in shards from elsewhere) is reduced as the shard builder does.
 
     Pillow rather than torchvision.io: libpng errors inside torchvision's decoder kill the worker process
     (segfault) on corrupt data, where Pillow raises an exception the reader can skip and count.
     """
-    image = Image.open(io.BytesIO(data))
+    image = open_image(data, max_pixels)
+    if image.mode in GRAY_16_MODES or image.mode == "I":
+        image = Image.fromarray(reduce_16_to_8(np.asarray(image)), "L")
     image = image.convert("RGB" if channels == 3 else "L")
     if resolution is not None and image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.Resampling.BILINEAR)
@@ -39,11 +45,11 @@ def decode_to_uint8(data: bytes, channels: int, resolution: int | None) -> torch
 class _PlannedBatches(Dataset):
     """Map-style dataset whose "index" is a whole BatchPlan: one worker reads one batch, in plan order."""
 
-    def __init__(self, reader: ShardReader, channels: int, resolution: int | None):
-        self.reader, self.channels, self.resolution = reader, channels, resolution
+    def __init__(self, reader: ShardReader, channels: int, resolution: int | None, max_pixels: int | None):
+        self.reader, self.channels, self.resolution, self.max_pixels = reader, channels, resolution, max_pixels
 
     def _decode(self, data: bytes) -> torch.Tensor:
-        return decode_to_uint8(data, self.channels, self.resolution)
+        return decode_to_uint8(data, self.channels, self.resolution, self.max_pixels)
 
     def __getitem__(self, plan: BatchPlan) -> dict[str, Any]:
         images, labels, used, bad = [], [], [], []
@@ -79,7 +85,7 @@ class TorchImageLoader(BaseLoader):
                  world_size: int, seed: int, cur_nimg: int):
         super().__init__(reader, reader.num_samples, dataset, loader, rank, world_size, seed, cur_nimg)
         self.device = torch.device(loader.device)
-        self._dataset = _PlannedBatches(reader, dataset.channels, dataset.resolution)
+        self._dataset = _PlannedBatches(reader, dataset.channels, dataset.resolution, dataset.max_image_pixels)
 
     def _run(self, plans: Iterable[BatchPlan]) -> Iterator[dict[str, Any]]:
         cfg = self.loader_cfg

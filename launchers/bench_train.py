@@ -31,7 +31,8 @@ def _sync(device: torch.device) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from core.models import NVAE, nvae_preset
+    from core.models import NVAE, NVAEConfig
+    from core.training.config import load_preset
     from core.models.energy import EnergyNet, energy_preset
     from core.objectives.elbo import ELBOConfig, kl_balance_weights, nelbo_loss
     from core.sampling.langevin import LangevinConfig, run_langevin
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> int:
     autocast = None if a["precision"] == "fp32" else a["precision"]
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast is not None)
 
-    cfg = nvae_preset(a["nvae"])
+    cfg = load_preset("nvae", a["nvae"], NVAEConfig)
     model = NVAE(cfg).to(device)
     opt = torch.optim.Adamax(model.parameters(), lr=1e-3, eps=1e-3)
     alpha = kl_balance_weights(cfg.latent_shapes()).to(device)

@@ -6,7 +6,8 @@ import torch
 
 from core.objectives.elbo import (ELBOConfig, balanced_kl, kl_balance_weights, kl_coefficient, nelbo_loss,
                                   norm_coefficient)
-from core.models import NVAE, nvae_preset
+from core.models import NVAE, NVAEConfig
+from core.training.config import load_preset
 
 
 def test_kl_coefficient_schedule():
@@ -26,7 +27,7 @@ def test_norm_coefficient_anneals_log_linearly():
 
 
 def test_kl_balance_weights_follow_group_size_per_scale():
-    shapes = nvae_preset("celebahq256", num_groups_per_scale=16, ada_groups=True, min_groups_per_scale=4).latent_shapes()
+    shapes = load_preset("nvae", "celebahq256", NVAEConfig, num_groups_per_scale=16, ada_groups=True, min_groups_per_scale=4).latent_shapes()
     alpha = kl_balance_weights(shapes)
     # scales 8,16,32,64,128 with 4,4,4,8,16 groups: area / groups, normalized to min 1
     raw = [64 / 4] * 4 + [256 / 4] * 4 + [1024 / 4] * 4 + [4096 / 8] * 8 + [16384 / 16] * 16
@@ -56,7 +57,7 @@ def test_balanced_kl_matches_brute_force():
 
 
 def test_nelbo_terms_are_consistent():
-    model = NVAE(nvae_preset("tiny", image_size=16)).double()
+    model = NVAE(NVAEConfig(image_size=16)).double()
     x = torch.rand(4, 3, 16, 16, dtype=torch.float64) * 2 - 1
     tower = model.posterior(x)
     terms = nelbo_loss(tower, x, progress=1.0, config=ELBOConfig(), alpha=None,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from core.evaluation.iwae import IWAEConfig, bits_per_dim, iwae, iwae_log_likelihood
-from core.models import NVAE, nvae_preset
+from core.models import NVAE, NVAEConfig
+from core.training.config import load_preset
 
 from test_mlp_vae import D, _linear_vae, _log_px  # the linear-Gaussian VAE with an analytic log p(x)
 from test_mlp_vae import _set_exact_posterior as _set_posterior
@@ -68,7 +69,7 @@ def test_bits_per_dim_convention():
 
 def test_runs_on_nvae_backbone_with_multiple_groups():
     torch.manual_seed(0)
-    model = NVAE(nvae_preset("tiny", image_size=16)).eval()
+    model = NVAE(NVAEConfig(image_size=16)).eval()
     x = torch.rand(3, *model.x_shape()) * 2 - 1
     est = iwae_log_likelihood(model, x, num_samples=4, chunk_size=3)
     assert est.shape == (3,) and torch.isfinite(est).all()

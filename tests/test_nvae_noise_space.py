@@ -5,8 +5,11 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from core.models import NVAE, PRESETS, NoiseSpaceBackbone, count_parameters, nvae_preset
+from core.models import NVAE, NoiseSpaceBackbone, NVAEConfig, count_parameters
 from core.models.distributions import DiagNormal
+from core.training.config import load_preset, preset_names
+
+PRESETS = {name: load_preset("nvae", name, NVAEConfig) for name in preset_names("nvae")}
 
 
 def _model(name: str) -> NVAE:
@@ -94,7 +97,7 @@ def test_generation_is_per_sample_in_eval_mode():
 
 
 def test_state_dict_round_trip_is_strict_and_exact():
-    config = nvae_preset("tiny", image_size=16)
+    config = NVAEConfig(image_size=16)
     model = NVAE(config).eval()
     model.spectral_penalty()  # advance power iteration so buffers differ from init
     state = model.state_dict()
@@ -105,7 +108,7 @@ def test_state_dict_round_trip_is_strict_and_exact():
     torch.testing.assert_close(clone.generate(eps_z, eps_x)[0], model.generate(eps_z, eps_x)[0], rtol=0, atol=0)
     torch.testing.assert_close(clone.spectral_penalty(), model.spectral_penalty(), rtol=0, atol=0)
     with pytest.raises(RuntimeError):
-        NVAE(nvae_preset("tiny", image_size=16, num_latent_per_group=4)).load_state_dict(state, strict=True)
+        NVAE(NVAEConfig(image_size=16, num_latent_per_group=4)).load_state_dict(state, strict=True)
 
 
 EXPECTED = {  # groups, latent shape of top and bottom group, base channels (vaebm.md App. E, issue spec)
@@ -130,15 +133,15 @@ def test_paper_presets_construct_on_meta_device(name):
 
 def test_invalid_configs_fail_clearly():
     with pytest.raises(ValueError, match="divisible"):
-        nvae_preset("tiny", image_size=30)
-    with pytest.raises(KeyError, match="unknown NVAE preset"):
-        nvae_preset("cifar100")
+        NVAEConfig(image_size=30)
+    with pytest.raises(KeyError, match="unknown nvae preset"):
+        load_preset("nvae", "cifar100", NVAEConfig)
     with pytest.raises(KeyError, match="num_chanels_enc"):
-        nvae_preset("tiny", num_chanels_enc=3)
+        load_preset("nvae", "tiny", NVAEConfig, num_chanels_enc=3)
 
 
 def test_ada_groups_put_more_groups_on_finer_scales():
-    config = nvae_preset("celebahq256", num_groups_per_scale=16, ada_groups=True, min_groups_per_scale=4)
+    config = load_preset("nvae", "celebahq256", NVAEConfig, num_groups_per_scale=16, ada_groups=True, min_groups_per_scale=4)
     assert config.groups_per_scale == [4, 4, 4, 8, 16]
     small = NVAE(dataclasses.replace(config.at_test_size())).double().eval()
     eps_x, eps_z = small.sample_noise(2)
@@ -147,13 +150,16 @@ def test_ada_groups_put_more_groups_on_finer_scales():
     torch.testing.assert_close(back_x, eps_x.double(), rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_conf_files_resolve_to_presets(name):
+def test_conf_presets_are_diffs_over_the_defaults():
+    """conf/nvae/<name>.yaml holds only what differs from NVAEConfig's defaults (one source of each number), and
+    `tiny` is the defaults themselves."""
     import pathlib
 
     import yaml
 
-    from core.models import nvae_config_from_dict
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "conf" / "nvae" / f"{name}.yaml"
-    assert nvae_config_from_dict(yaml.safe_load(path.read_text())) == PRESETS[name]
+    assert PRESETS["tiny"] == NVAEConfig()
+    defaults = dataclasses.asdict(NVAEConfig())
+    for name in PRESETS:
+        path = pathlib.Path(__file__).resolve().parents[1] / "conf" / "nvae" / f"{name}.yaml"
+        diff = yaml.safe_load(path.read_text()) or {}
+        assert all(defaults[k] != v for k, v in diff.items()), f"{path.name} repeats a default"

@@ -1,13 +1,14 @@
 """Batched power iteration against exact spectral norms; BN penalty against its definition."""
 import torch
 
-from core.models import NVAE, nvae_preset
+from core.models import NVAE, NVAEConfig
+from core.training.config import load_preset
 from core.models.layers import WNConv2d
 from core.models.spectral import SpectralRegularizer
 
 
 def test_power_iteration_estimates_within_one_percent_of_exact_norm():
-    model = NVAE(nvae_preset("tiny", image_size=16))
+    model = NVAE(NVAEConfig(image_size=16))
     convs = [m for m in model.modules() if isinstance(m, WNConv2d)]
     for _ in range(20):  # first call runs 40 iterations, later ones 4 each
         model.spectral_penalty()
@@ -37,7 +38,7 @@ def test_penalty_gradient_shrinks_largest_singular_value():
 
 
 def test_batchnorm_penalty_is_sum_of_max_abs_gamma():
-    model = NVAE(nvae_preset("tiny", image_size=16))
+    model = NVAE(NVAEConfig(image_size=16))
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     with torch.no_grad():
         for i, bn in enumerate(bns):

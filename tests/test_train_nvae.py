@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.models import NVAE, nvae_config_from_dict
+from core.models import NVAE, NVAEConfig
 from core.tracking import load_registered_model
-from core.training.cli import run_job
-from core.training.config import Stage1Config
-from core.training.stage1 import describe, train_nvae
+from core.training.cli import run_training
+from core.training.config import load_preset
 from mlflow_server import mlflow_server  # noqa: F401  (pytest fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,13 +71,12 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
                                                 ("celeba64", "celeba64"), ("lsun_church64", "lsun_church64"),
                                                 ("celebahq256", "celebahq256")])
 def test_dry_run_every_preset(experiment, preset, capsys):
-    assert run_job(Stage1Config, "train_nvae", [f"experiment={experiment}", "dry_run=true"], train_nvae,
-                   describe) == 0
+    assert run_training([f"experiment={experiment}", "dry_run=true"], default_method="nvae") == 0
     out = capsys.readouterr().out
-    assert f"experiment: {experiment}" in out and f"preset: {preset}" in out
+    assert f"experiment: {experiment}" in out and "method: nvae" in out
     total = int(out.strip().splitlines()[-1].split()[-1].replace(",", ""))
     with torch.device("meta"):
-        expected = sum(p.numel() for p in NVAE(nvae_config_from_dict({"preset": preset})).parameters())
+        expected = sum(p.numel() for p in NVAE(load_preset("nvae", preset, NVAEConfig)).parameters())
     assert total == expected
 
 
@@ -108,7 +106,7 @@ def test_two_rank_training_resume_registry_and_tracking_outage(tmp_path, mlflow_
     assert bundle["nvae"]["image_size"] == 16
     assert registered.keys() == weights_a.keys()
     assert all(torch.equal(registered[k], weights_a[k]) for k in weights_a)
-    model = NVAE(nvae_config_from_dict({"preset": "tiny", **{k: v for k, v in bundle["nvae"].items()}}))
+    model = NVAE(NVAEConfig(**bundle["nvae"]))
     model.load_state_dict(registered, strict=True)
     assert (run_a / "samples").is_dir() and any((run_a / "samples").glob("*.png"))
 

@@ -15,9 +15,7 @@ from mlflow_server import mlflow_server  # noqa: F401  (pytest fixture)
 from test_train_nvae import ROOT, SMALL, _deepspeed, _env, _finish
 
 from core.tracking import load_registered_model, read_model_dir
-from core.training.cli import run_job
-from core.training.config import Stage2Config
-from core.training.stage2 import describe, train_vaebm
+from core.training.cli import run_training
 
 # A stage-2 run small enough for CI: 16x16 digits, a narrow energy net, 3 Langevin steps, a replay buffer.
 SMALL2 = ["dataset.size=16", "energy.image_size=16", "energy.base_channels=8", "sampler.langevin.num_steps=3",
@@ -31,8 +29,7 @@ SMALL2 = ["dataset.size=16", "energy.image_size=16", "energy.base_channels=8", "
                                               ("cifar10_persistent", "cifar10"), ("celeba64", "celeba64"),
                                               ("lsun_church64", "lsun_church64"), ("celebahq256", "celebahq256")])
 def test_dry_run_every_preset(experiment, arch, capsys):
-    assert run_job(Stage2Config, "train_vaebm", [f"experiment={experiment}", "dry_run=true"], train_vaebm,
-                   describe, experiment_group="vaebm_experiment") == 0
+    assert run_training([f"experiment={experiment}", "dry_run=true"], default_method="vaebm") == 0
     out = capsys.readouterr().out
     assert f"experiment: {experiment}" in out and f"arch: {arch}" in out and "total" in out
 

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from core.models import NVAE, nvae_preset
+from core.models import NVAE, NVAEConfig
+from core.training.config import load_preset
 from core.objectives.elbo import ELBOConfig, kl_balance_weights, nelbo_loss
 
 
@@ -17,7 +18,7 @@ def test_training_on_digits_lowers_negative_elbo():
     torch.manual_seed(0)
     x = _digits(16)
     train, held_out = x[:1500], x[1500:1628]
-    config = nvae_preset("tiny", image_size=16, num_channels_enc=8, num_channels_dec=8)
+    config = NVAEConfig(image_size=16, num_channels_enc=8, num_channels_dec=8)
     model = NVAE(config)
     alpha = kl_balance_weights(config.latent_shapes())
     objective = ELBOConfig(kl_anneal_portion=0.5)

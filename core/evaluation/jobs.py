@@ -138,38 +138,21 @@ def describe(config: EvaluateConfig, resolved: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- models
-@dataclass
-class LoadedModel:
-    backbone: Any  # NoiseSpaceVAE, frozen
-    vaebm: Any | None  # core.inference.VAEBMModel when the reference is a VAEBM
-    bundle: dict[str, Any]
+def load_model(reference: str, device: torch.device, tracking_uri: str):
+    """Any published model (core.methods.TrainedModel); metrics use what it can do (sample, vae, energy)."""
+    from core.evaluation.sampling import load_trained_model
 
-    @property
-    def kind(self) -> str:
-        return "vaebm" if self.vaebm is not None else self.bundle.get("kind", "?")
-
-
-def load_model(reference: str, device: torch.device, tracking_uri: str) -> LoadedModel:
-    """A VAEBM (energy + backbone) or a bare backbone (NVAE / MLP VAE) from any model reference."""
-    from core.inference import load_vaebm
-    from core.training.backbone import load_backbone
-
-    try:
-        model = load_vaebm(reference, device, tracking_uri)
-        return LoadedModel(model.backbone, model, model.bundle)
-    except ValueError as err:
-        if "not a VAEBM" not in str(err):
-            raise
-    backbone, bundle = load_backbone(reference, tracking_uri, device)
-    return LoadedModel(backbone, None, bundle)
+    return load_trained_model(reference, device, tracking_uri)
 
 
 def model_runs(reference: str | None, tracking_uri: str) -> dict[str, str | None]:
     """{'run': the run that produced the model, 'parent': its pipeline run, 'pipeline': the pipeline name}.
 
     models:/<name>@<alias> | models:/<name>/<version|latest>: the registered version's run_id; runs:/<id>/...: id;
-    a run or model directory: its run_ids.json (written by the training jobs). Unknown parts are None.
+    a run or model directory: its run-id file (written by the training job). Unknown parts are None.
     """
+    from core.training.checkpoint import RUN_IDS
+
     out: dict[str, str | None] = {"run": None, "parent": None, "pipeline": None}
     if not reference:
         return out
@@ -195,7 +178,7 @@ def model_runs(reference: str | None, tracking_uri: str) -> dict[str, str | None
         else:
             path = Path(reference).expanduser()
             for d in (path, path.parent):
-                ids = d / "run_ids.json"
+                ids = d / RUN_IDS
                 if ids.is_file():
                     data = json.loads(ids.read_text())
                     out["run"], out["parent"] = data.get("stage"), data.get("parent")
@@ -249,15 +232,28 @@ def _images(dataset: DatasetConfig, limit: int | None, batch_size: int, rank: in
     return out
 
 
-def _fit_dataset(dataset: DatasetConfig, backbone) -> DatasetConfig:
+def _x_shape(model) -> tuple[int, ...]:
+    """(C, H, W) of what a model generates."""
+    if model.vae is not None:
+        return tuple(model.vae.x_shape())
+    return tuple(model.sample(1, torch.Generator(device="cpu").manual_seed(0)).images.shape[1:])
+
+
+def _require_vae(model, metric: str):
+    if model.vae is None:
+        raise ValueError(f"metric={metric} needs a model with a VAE inside (a {model.kind!r} model has none)")
+    return model.vae
+
+
+def _fit_dataset(dataset: DatasetConfig, x_shape: tuple[int, ...]) -> DatasetConfig:
     """Present the data at the model's size and channels (load-time resize), as a user would expect."""
-    c, h, _ = backbone.x_shape()
+    c, h, _ = x_shape
     res = dataset.resolution if dataset.resolution is not None else (None if dataset.size == h else h)
     return dataclasses.replace(dataset, resolution=res, channels=c)
 
 
-def _ood_dataset(name: str, like: DatasetConfig, backbone, count: int) -> DatasetConfig:
-    c, h, _ = backbone.x_shape()
+def _ood_dataset(name: str, like: DatasetConfig, x_shape: tuple[int, ...], count: int) -> DatasetConfig:
+    c, h, _ = x_shape
     base = dict(cache_dir=like.cache_dir, channels=c, resolution=h, num_bits=like.num_bits, centered=True,
                 flip=False)
     if name == "photos256":
@@ -266,14 +262,14 @@ def _ood_dataset(name: str, like: DatasetConfig, backbone, count: int) -> Datase
 
 
 # -------------------------------------------------------------------------------------------------------- metrics
-def run_fid(config: EvaluateConfig, info, model: LoadedModel, uri: str) -> tuple[list[dict], dict[str, float]]:
+def run_fid(config: EvaluateConfig, info, model, uri: str) -> tuple[list[dict], dict[str, float]]:
     from core import dist as vdist
     from core.evaluation.fid import compute_fid, load_inception, reference_stats
-    from core.inference import ChainSettings, sample_vaebm
+    from core.methods import SampleOptions
     from data_pipelines import dataset_manifest_hash
 
     inception = load_inception(dataclasses.replace(config.inception, device=str(info.device)))
-    dataset = _fit_dataset(config.dataset_config(), model.backbone)
+    dataset = _fit_dataset(config.dataset_config(), _x_shape(model))
     key = (f"{dataset_manifest_hash(dataset)}-r{dataset.resolution or 'native'}-c{dataset.channels}"
            f"-b{dataset.num_bits}-n{config.fid_reference_samples or 'all'}")
     ref = reference_stats(_LazyBatches(lambda: _images(dataset, config.fid_reference_samples, config.batch_size,
@@ -281,25 +277,15 @@ def run_fid(config: EvaluateConfig, info, model: LoadedModel, uri: str) -> tuple
                           Path(config.fid_cache_dir).expanduser(), key, inception)
     n_total = config.num_fid_samples()
     mine = len(range(info.rank, n_total, info.world_size))
-    settings = None
-    if model.vaebm is not None:
-        s = model.vaebm.sampler
-        settings = ChainSettings(steps=config.steps or s["test_steps"],
-                                 step_size=config.step_size or s["langevin"]["step_size"],
-                                 temperature=s["temperature"])
+    # A plain VAE's images follow `nvae_use_mean`; an energy-based model's follow its trained sampler settings.
+    options = SampleOptions(steps=config.steps, step_size=config.step_size,
+                            use_mean=None if model.energy_based else config.nvae_use_mean)
 
     def batches():
         for b, start in enumerate(range(0, mine, config.batch_size)):
             k = min(config.batch_size, mine - start)
             gen = torch.Generator(device=info.device).manual_seed(vdist.derive_seed(config.seed, info.rank, b))
-            if model.vaebm is not None:
-                x, _ = sample_vaebm(model.vaebm, k, settings, gen)
-            else:
-                with torch.no_grad():
-                    eps_x, eps_z = model.backbone.sample_noise(k, generator=gen, device=info.device)
-                    x, tower = model.backbone.generate(eps_z, eps_x)
-                    x = tower.x_dist.mu if config.nvae_use_mean else x
-            yield x.float()
+            yield model.sample(k, gen, options).images.float()
 
     t = time.perf_counter()
     fid = compute_fid(batches(), ref, inception)
@@ -319,17 +305,18 @@ class _LazyBatches:
         return iter(self.make())
 
 
-def run_iwae(config: EvaluateConfig, info, model: LoadedModel) -> tuple[list[dict], dict[str, float]]:
+def run_iwae(config: EvaluateConfig, info, model) -> tuple[list[dict], dict[str, float]]:
     import torch.distributed as dist
 
     from core.evaluation.iwae import bits_per_dim, iwae_log_likelihood
 
-    dataset = _fit_dataset(config.dataset_config(), model.backbone)
-    dims = math.prod(model.backbone.x_shape())
+    vae = _require_vae(model, "iwae")
+    dataset = _fit_dataset(config.dataset_config(), vae.x_shape())
+    dims = math.prod(vae.x_shape())
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
     torch.manual_seed(config.seed * 1000 + info.rank)
     for x in _images(dataset, config.eval_samples, config.batch_size, info.rank, info.world_size, info.device):
-        lp = iwae_log_likelihood(model.backbone, x, config.iwae_samples, config.iwae_chunk)
+        lp = iwae_log_likelihood(vae, x, config.iwae_samples, config.iwae_chunk)
         total += torch.stack([lp.sum(), torch.tensor(float(len(lp)), dtype=torch.float64, device=lp.device)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
@@ -342,11 +329,12 @@ def run_iwae(config: EvaluateConfig, info, model: LoadedModel) -> tuple[list[dic
     return rows, {"iwae/nll_nats": nll, "iwae/bits_per_dim": bpd, "iwae/images": float(n)}
 
 
-def run_ood(config: EvaluateConfig, info, model: LoadedModel) -> tuple[list[dict], dict[str, float]]:
+def run_ood(config: EvaluateConfig, info, model) -> tuple[list[dict], dict[str, float]]:
     from core.evaluation.iwae import iwae_log_likelihood
     from core.evaluation.ood import auroc
 
-    dataset = _fit_dataset(config.dataset_config(), model.backbone)
+    vae = _require_vae(model, "ood")
+    dataset = _fit_dataset(config.dataset_config(), vae.x_shape())
     gen = torch.Generator().manual_seed(config.seed * 7919 + info.rank)
     torch.manual_seed(config.seed * 1000 + info.rank)
     num_bits = dataset.num_bits
@@ -355,11 +343,10 @@ def run_ood(config: EvaluateConfig, info, model: LoadedModel) -> tuple[list[dict
     def scores(batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         lp, lh = [], []
         for x in batches:
-            p = iwae_log_likelihood(model.backbone, x, config.ood_iwae_samples, config.iwae_chunk)
+            p = iwae_log_likelihood(vae, x, config.ood_iwae_samples, config.iwae_chunk)
             lp.append(p)
-            if model.vaebm is not None:
-                with torch.no_grad():
-                    lh.append(p - model.vaebm.energy(x).double().reshape(-1))  # log h + log Z (Z cancels)
+            if model.energy_based:
+                lh.append(p - model.energy(x))  # log h + log Z = log p_vae - E (vaebm.md Eq. 4; Z cancels)
         return _gather_cat(torch.cat(lp)), _gather_cat(torch.cat(lh)) if lh else torch.empty(0)
 
     in_batches = _images(dataset, config.eval_samples, config.batch_size, info.rank, info.world_size, info.device)
@@ -369,7 +356,7 @@ def run_ood(config: EvaluateConfig, info, model: LoadedModel) -> tuple[list[dict
         if name == dataset.name:
             continue
         if name in ("photos256", "faces25"):
-            batches = _images(_ood_dataset(name, dataset, model.backbone, config.eval_samples), config.eval_samples,
+            batches = _images(_ood_dataset(name, dataset, vae.x_shape(), config.eval_samples), config.eval_samples,
                               config.batch_size, info.rank, info.world_size, info.device)
         elif name == "noise":  # uniform noise on the data's quantization levels
             batches = [torch.randint(0, levels + 1, x.shape, generator=gen).to(x.device).float() * (2.0 / levels) - 1
@@ -381,7 +368,7 @@ def run_ood(config: EvaluateConfig, info, model: LoadedModel) -> tuple[list[dict
         p, h = scores(batches)
         row = {"ood_set": name, "images": len(p), "auroc_vae": round(auroc(in_p, p), 4)}
         metrics[f"ood/{name}/auroc_vae"] = row["auroc_vae"]
-        if model.vaebm is not None:
+        if model.energy_based:
             row["auroc_vaebm"] = round(auroc(in_h, h), 4)
             metrics[f"ood/{name}/auroc_vaebm"] = row["auroc_vaebm"]
         rows.append(row)
@@ -450,7 +437,7 @@ def evaluate(config: EvaluateConfig, resolved: dict[str, Any]) -> dict[str, Any]
 
 
 def _log_to_mlflow(config: EvaluateConfig, uri: str, out: Path, resolved: dict, metrics: dict[str, float],
-                   model: LoadedModel | None) -> None:
+                   model) -> None:
     from core.tracking import Tracker
 
     if not config.tracking.enabled:

@@ -40,7 +40,8 @@ class Samples:
 class TrainedModel(abc.ABC):
     """A frozen, evaluation-mode model rebuilt from a bundle."""
 
-    kind: ClassVar[str]
+    kind: str = "?"  # the bundle's kind, set by `build_model`
+    energy_based: ClassVar[bool] = False  # `energy(x)` is defined (log density log p_vae - E + const)
 
     @classmethod
     @abc.abstractmethod
@@ -84,7 +85,9 @@ def build_model(bundle: dict[str, Any], weights: dict[str, torch.Tensor],
     kind = bundle.get("kind")
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; known kinds: {sorted(MODEL_KINDS)}")
-    return MODEL_KINDS[kind].from_bundle(bundle, weights).to(torch.device(device))
+    model = MODEL_KINDS[kind].from_bundle(bundle, weights).to(torch.device(device))
+    model.kind = kind
+    return model
 
 
 def sub_state(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -261,6 +261,8 @@ class VAEBMMethod(Method):
 class VAEBMModel(TrainedModel):
     """A trained VAEBM: frozen backbone, frozen energy network and the sampler settings it was trained with."""
 
+    energy_based = True
+
     def __init__(self, backbone, energy: EnergyNet, sampler: SamplerConfig):
         self.backbone = backbone
         self.energy_net = energy

@@ -144,6 +144,17 @@ def publish_model(tracker, run_dir: Path, name: str, bundle: dict[str, Any], wei
     tracker.log_artifact(run_dir / "config.json")
 
 
+def read_model(reference: str, tracking_uri: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(bundle, weights) of a published model: an MLflow model URI (`models:/<name>@<alias>`, `runs:/...`), a run
+    directory (its `model/`) or a model directory."""
+    from core.tracking import load_registered_model
+
+    path = Path(reference).expanduser()
+    if "://" not in reference and (path / "model").is_dir():
+        path = path / "model"
+    return load_registered_model(reference if "://" in reference else str(path), tracking_uri=tracking_uri)
+
+
 @contextlib.contextmanager
 def stage_lifecycle(tracker, loaders: list) -> Iterator[None]:
     """Around a stage's training loop, on every rank: an exception (a crash, a kill, divergence) ends the MLflow runs

@@ -19,9 +19,9 @@ import torch
 
 from core import dist as vdist
 from core.methods import MethodContext, build_model, get_method
-from core.tracking import Tracker, load_registered_model, resolve_tracking_uri
-from core.training.checkpoint import (CheckpointManager, RNGStreams, load_run_ids, publish_model, save_run_ids,
-                                      stage_lifecycle)
+from core.tracking import Tracker, resolve_tracking_uri
+from core.training.checkpoint import (CheckpointManager, RNGStreams, load_run_ids, publish_model, read_model,
+                                      save_run_ids, stage_lifecycle)
 from core.training.config import JobConfig, compose_job
 from core.training.engine import build_engine
 from core.training.loop import LoopState, run_loop
@@ -58,12 +58,8 @@ def describe(config: JobConfig, resolved: dict[str, Any]) -> str:
 
 def load_backbone(reference: str, tracking_uri: str | None, device: torch.device, dtype: torch.dtype):
     """(frozen noise-space VAE, its bundle) from an MLflow model URI, a run directory or a model directory."""
-    path = Path(reference).expanduser()
-    if "://" not in reference and (path / "model").is_dir():
-        path = path / "model"
-    source = reference if "://" in reference else str(path)
     try:
-        bundle, weights = load_registered_model(source, tracking_uri=tracking_uri)
+        bundle, weights = read_model(reference, tracking_uri)
     except Exception as err:  # MLflow raises several types for "no such model / alias / run"
         raise BackboneNotFound(f"no backbone at {reference}: {err}") from err
     model = build_model(bundle, weights, device)

@@ -1,0 +1,119 @@
+"""The one job behind every method: method selection, nested backbone stages on the user's data, model bundles.
+
+The nested-stage test runs the real launchers (one rank, plain `python`) on shards built from the user's own image
+folder, and shows the backbone trained inside the VAEBM run read exactly those shards.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_train_nvae import ROOT, _env
+
+from core.methods import METHODS, build_model, get_method
+from core.methods.bundles import MODEL_KINDS
+from core.tracking import read_model_dir
+from core.training.config import ConfigError, compose_job
+from core.training.job import inherited_overrides
+
+SMALL_NVAE = ["nvae.image_size=16", "nvae.num_channels_enc=8", "nvae.num_channels_dec=8"]
+SMALL_LOOP = ["loop.batch_size=4", "loop.total_nimg=32", "loop.checkpoint_every_nimg=32", "loop.report_every_nimg=16",
+              "loop.sample_every_nimg=32", "loop.sample_count=4", "loop.progress_bar=false", "loader.num_workers=0",
+              "tracking.enabled=false"]
+
+
+def test_every_method_has_a_conf_group_and_presets():
+    for name, cls in METHODS.items():
+        assert cls.name == name
+        assert (ROOT / "conf" / "method" / f"{name}.yaml").is_file()
+        assert (ROOT / "conf" / "experiment" / name / "quickstart.yaml").is_file()
+        config, _, _ = compose_job([f"method={name}"])
+        assert config.method == name and isinstance(config, cls.config_class)
+
+
+def test_unknown_method_and_misplaced_keys_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown method 'gan'"):
+        compose_job(["method=gan"])
+    with pytest.raises(ConfigError, match="energy"):  # a VAEBM section does not exist in the NVAE job
+        compose_job(["method=nvae", "energy.arch=cifar10"])
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        compose_job(["method=vaebm", "loop.keep_checkpoints=0"])
+
+
+def test_nested_stage_inherits_job_sections_only():
+    overrides = ["dataset.path=/d", "dataset=cifar10", "loop.total_nimg=64", "+loader.prefetch=2", "run.seed=3",
+                 "run.dir=/r", "experiment=cifar10", "energy.base_channels=8", "optim.lr=1e-3", "backbone=x",
+                 "tracking.enabled=false", "engine.precision=bf16"]
+    assert inherited_overrides(overrides) == ["dataset.path=/d", "dataset=cifar10", "loop.total_nimg=64",
+                                              "+loader.prefetch=2", "run.seed=3", "tracking.enabled=false",
+                                              "engine.precision=bf16"]
+
+
+def test_bundles_rebuild_through_one_registry(tmp_path):
+    from core.methods.nvae import vae_bundle
+    from core.models import MLPVAE, MLPVAEConfig
+
+    vae = MLPVAE(MLPVAEConfig())
+    model = build_model(vae_bundle(vae), vae.state_dict())
+    assert model.kind == "mlp_vae" and model.vae is not None and not model.energy_based
+    assert model.energy(torch.zeros(2, 2)) is None
+    x = model.sample(5, torch.Generator().manual_seed(0)).images
+    assert x.shape == (5, 2)
+    with pytest.raises(ValueError, match="unknown model kind"):
+        build_model({"kind": "gan"}, {})
+    assert {"nvae", "mlp_vae", "vaebm"} <= set(MODEL_KINDS)
+    assert get_method("vaebm").needs_backbone and not get_method("nvae").needs_backbone
+
+
+def _own_image_folder(path: Path, n: int = 48) -> Path:
+    """A folder of the user's own photos: 48 random 40x40 crops of scikit-image's sample photos."""
+    from PIL import Image
+    from skimage import data
+
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    photos = [data.astronaut(), data.chelsea(), data.coffee()]
+    for i in range(n):
+        img = photos[i % len(photos)]
+        y, x = rng.integers(0, img.shape[0] - 40), rng.integers(0, img.shape[1] - 40)
+        Image.fromarray(img[y:y + 40, x:x + 40]).save(path / f"{i:03d}.png")
+    return path
+
+
+def _run(script: str, args: list[str], tmp_path: Path) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "launchers" / script), *args], cwd=tmp_path,
+                          env=_env(tmp_path, None), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr
+
+
+@pytest.mark.integration
+def test_nested_backbone_trains_on_the_runs_own_shards(tmp_path):
+    shards = tmp_path / "shards"
+    _run("prepare_data.py", [f"source={_own_image_folder(tmp_path / 'photos')}", f"out={shards}", "size=16"],
+         tmp_path)
+    data = [f"dataset.path={shards}", "dataset.name=mine"]
+
+    # 1. the backbone alone, through the generic launcher
+    _run("train.py", ["method=nvae", "experiment=quickstart", *data, *SMALL_NVAE, *SMALL_LOOP,
+                      f"run.dir={tmp_path / 'nvae'}"], tmp_path)
+    assert json.loads((tmp_path / "nvae" / "config.json").read_text())["dataset"]["path"] == str(shards)
+
+    # 2. VAEBM on the same shards; its backbone is not registered, so it is trained first, nested, on those shards
+    log = _run("train_vaebm.py", [*data, "backbone=models:/nvae-mine@latest", "backbone_train_if_missing=true",
+                                  "backbone_overrides=[" + ",".join(f"'{o}'" for o in SMALL_NVAE) + "]",
+                                  "energy.image_size=16", "energy.base_channels=8", "sampler.langevin.num_steps=2",
+                                  "sampler.test_steps=2", *SMALL_LOOP, f"run.dir={tmp_path / 'vaebm'}"], tmp_path)
+    assert "training it first" in log
+    nested = json.loads((tmp_path / "vaebm" / "backbone" / "config.json").read_text())
+    assert nested["method"] == "nvae" and nested["dataset"]["path"] == str(shards)
+    assert nested["loop"]["total_nimg"] == 32 and nested["nvae"]["image_size"] == 16  # the run's overrides too
+    nested_bundle, _ = read_model_dir(tmp_path / "vaebm" / "backbone" / "model")
+    bundle, weights = read_model_dir(tmp_path / "vaebm" / "model")
+    assert bundle["kind"] == "vaebm" and bundle["backbone"] == nested_bundle
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
