@@ -117,3 +117,18 @@ def test_nested_backbone_trains_on_the_runs_own_shards(tmp_path):
     bundle, weights = read_model_dir(tmp_path / "vaebm" / "model")
     assert bundle["kind"] == "vaebm" and bundle["backbone"] == nested_bundle
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+def test_evaluation_finds_the_runs_of_a_run_directory(tmp_path):
+    """The training job and the evaluation job agree on one run-id file: `evaluate.py model=<run dir>` (or its
+    model/ directory) nests its evaluate stage under the run's pipeline."""
+    from core.evaluation.jobs import model_runs
+    from core.training.checkpoint import save_run_ids
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    save_run_ids(run, "parent-id", "stage-id")
+    uri = f"sqlite:///{tmp_path / 'empty.db'}"  # no such runs there: the file's ids are what is known
+    for ref in (run, run / "model"):
+        found = model_runs(str(ref), uri)
+        assert (found["run"], found["parent"]) == ("stage-id", "parent-id")

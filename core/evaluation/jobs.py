@@ -161,18 +161,10 @@ def model_runs(reference: str | None, tracking_uri: str) -> dict[str, str | None
 
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         if reference.startswith("models:/"):
-            spec = reference[len("models:/"):]
-            if "@" in spec:
-                name, alias = spec.split("@", 1)
-                if alias == "latest":
-                    mv = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
-                else:
-                    mv = client.get_model_version_by_alias(name, alias)
-            else:
-                name, version = spec.split("/", 1)
-                mv = (max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
-                      if version == "latest" else client.get_model_version(name, version))
-            out["run"] = mv.run_id
+            from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+            name, version = get_model_name_and_version(client, reference)  # MLflow's own resolution
+            out["run"] = client.get_model_version(name, version).run_id
         elif reference.startswith("runs:/"):
             out["run"] = reference[len("runs:/"):].split("/", 1)[0]
         else:

@@ -15,7 +15,7 @@ import torch
 
 from core.methods.base import Method, MethodContext, register_method
 from core.methods.bundles import SampleOptions, Samples, TrainedModel, freeze, register
-from core.methods.potentials import decode, join_state, low_temperature_init
+from core.methods.potentials import chain_start, decode, join_state
 from core.models.mlp_vae import MLPVAE, MLPVAEConfig
 from core.models.noise_space import NoiseSpaceVAE
 from core.models.nvae import NVAE
@@ -149,12 +149,7 @@ class VAEModel(TrainedModel):
     def sample(self, n: int, generator: torch.Generator, options: SampleOptions | None = None) -> Samples:
         o = options or SampleOptions()
         t = 1.0 if o.temperature is None else o.temperature
-        device = next(self.model.parameters()).device
-        if o.init == "low_temperature":
-            state = low_temperature_init(self.model, n, o.init_temperature, o.bn_iterations, generator)
-        else:
-            eps_x, eps_z = self.model.sample_noise(n, generator=generator, device=device)
-            state = join_state(eps_x, eps_z)
+        state = chain_start(self.model, n, generator, o.init, o.init_temperature, o.bn_iterations)
         return Samples(decode(self.model, state, t, use_mean=True if o.use_mean is None else o.use_mean))
 
 

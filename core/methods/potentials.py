@@ -121,3 +121,14 @@ def low_temperature_init(backbone, batch: int, temperature: float, bn_iterations
     tower = backbone.posterior(x)
     eps_x, eps_z = backbone.inverse(x, tower.z)
     return join_state(eps_x, eps_z)
+
+
+def chain_start(backbone, n: int, generator: torch.Generator, init: str = "normal", init_temperature: float = 0.7,
+                bn_iterations: int = 20) -> list[torch.Tensor]:
+    """Initial state [eps_x, *eps_z] of n test-time chains: N(0, I) (`init="normal"`) or the encoded
+    low-temperature VAE samples of vaebm.md App. E (`init="low_temperature"`)."""
+    if init == "low_temperature":
+        return low_temperature_init(backbone, n, init_temperature, bn_iterations, generator)
+    device = next(backbone.parameters()).device
+    eps_x, eps_z = backbone.sample_noise(n, generator=generator, device=device)
+    return join_state(eps_x, eps_z)

@@ -19,7 +19,7 @@ import torch
 from core.methods.base import BackboneConfig, Method, MethodContext, register_method
 from core.methods.bundles import SampleOptions, Samples, TrainedModel, freeze, register, sub_state
 from core.methods.nvae import VAEModel, build_vae, float_state
-from core.methods.potentials import (TARGET_MODES, decode, join_state, low_temperature_init, make_vaebm_potential,
+from core.methods.potentials import (TARGET_MODES, chain_start, decode, join_state, make_vaebm_potential,
                                      split_state)
 from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init
 from core.objectives.ebm import vaebm_loss
@@ -299,12 +299,7 @@ class VAEBMModel(TrainedModel):
         use_mean = s.use_mean if o.use_mean is None else o.use_mean
         lcfg = dataclasses.replace(s.langevin, num_steps=o.steps or s.test_steps,
                                    step_size=o.step_size or s.langevin.step_size, record_every=o.record_every)
-        device = next(self.energy_net.parameters()).device
-        if o.init == "low_temperature":
-            init = low_temperature_init(self.backbone, n, o.init_temperature, o.bn_iterations, generator)
-        else:
-            eps_x, eps_z = self.backbone.sample_noise(n, generator=generator, device=device)
-            init = join_state(eps_x, eps_z)
+        init = chain_start(self.backbone, n, generator, o.init, o.init_temperature, o.bn_iterations)
         potential = make_vaebm_potential(self.backbone, self.energy_net, mode=s.target, temperature=t,
                                          use_mean=use_mean)
         result = run_langevin(potential, init, lcfg, generator=generator)

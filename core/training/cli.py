@@ -23,40 +23,31 @@ def setup_logging() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vaebm/torch_extensions"))
 
 
-def _config_error(err: ConfigError) -> int:
-    if env_rank() == 0:
-        print(f"config error: {err}", file=sys.stderr)
-    return EXIT_CONFIG_ERROR
-
-
-def run_job(schema: type, config_name: str, argv: list[str], job: Callable[[Any, dict], Any],
-            describe: Callable[[Any, dict], str]) -> int:
-    """A single-schema job (sampling, evaluation): compose conf/<config_name>.yaml onto `schema`, run `job`."""
+def _launch(compose_fn: Callable[[], tuple], job: Callable, describe: Callable[[Any, dict], str]) -> int:
+    """Compose (exit 2 with one line on a config error), answer dry_run, or set up logging and run the job."""
     try:
-        config, resolved = compose(schema, config_name, strip_launcher_args(argv))
+        config, resolved, *rest = compose_fn()
     except ConfigError as err:
-        return _config_error(err)
+        if env_rank() == 0:
+            print(f"config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     if config.dry_run:
         if env_rank() == 0:
             print(describe(config, resolved))
         return 0
     setup_logging()
-    job(config, resolved)
+    job(config, resolved, *rest)
     return 0
+
+
+def run_job(schema: type, config_name: str, argv: list[str], job: Callable[[Any, dict], Any],
+            describe: Callable[[Any, dict], str]) -> int:
+    """A single-schema job (sampling, evaluation): compose conf/<config_name>.yaml onto `schema`, run `job`."""
+    return _launch(lambda: compose(schema, config_name, strip_launcher_args(argv)), job, describe)
 
 
 def run_training(argv: list[str], default_method: str | None = None) -> int:
     """The training launchers: `method=<name>` (or `default_method`) selects the method and its config schema."""
     from core.training.job import describe, train
 
-    try:
-        config, resolved, overrides = compose_job(strip_launcher_args(argv), default_method)
-    except ConfigError as err:
-        return _config_error(err)
-    if config.dry_run:
-        if env_rank() == 0:
-            print(describe(config, resolved))
-        return 0
-    setup_logging()
-    train(config, resolved, overrides)
-    return 0
+    return _launch(lambda: compose_job(strip_launcher_args(argv), default_method), train, describe)

@@ -19,7 +19,7 @@ import torch
 
 from core import dist as vdist
 from core.methods import MethodContext, build_model, get_method
-from core.tracking import Tracker, resolve_tracking_uri
+from core.tracking import ModelNotFoundError, Tracker, resolve_tracking_uri
 from core.training.checkpoint import (CheckpointManager, RNGStreams, load_run_ids, publish_model, read_model,
                                       save_run_ids, stage_lifecycle)
 from core.training.config import JobConfig, compose_job
@@ -60,7 +60,7 @@ def load_backbone(reference: str, tracking_uri: str | None, device: torch.device
     """(frozen noise-space VAE, its bundle) from an MLflow model URI, a run directory or a model directory."""
     try:
         bundle, weights = read_model(reference, tracking_uri)
-    except Exception as err:  # MLflow raises several types for "no such model / alias / run"
+    except ModelNotFoundError as err:  # the server (or the disk) says it does not exist; unreachable is an error
         raise BackboneNotFound(f"no backbone at {reference}: {err}") from err
     model = build_model(bundle, weights, device)
     if model.vae is None:

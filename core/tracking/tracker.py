@@ -1,0 +1,304 @@
+"""The `Tracker` facade: rank-0 MLflow logging of runs, params, metrics, tags, artifacts and models that never
+blocks or fails training.
+
+Its methods only validate and normalise values, snapshot files and weights (copied at call time) and queue an
+operation for the background sender (`core.tracking.spool`), which costs microseconds on the training thread.
+Runs: one parent run per pipeline (tag ``vaebm.pipeline``) and one nested run per stage (tags ``vaebm.pipeline``,
+``vaebm.stage``, ``mlflow.parentRunId``); their ids, stored in checkpoints, let a restarted job continue them.
+Models go to ``model/<name>/<UTC time>/`` of the stage run (unique per call) and become the next registered version.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import posixpath
+import re
+import shutil
+import time
+import uuid
+import weakref
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from core.tracking.config import TrackingConfig, _artifact_location, _configure_http, resolve_tracking_uri
+from core.tracking.model_files import write_model_dir
+from core.tracking.spool import _Sender, read_pending, write_pending
+
+log = logging.getLogger("vaebm.tracking")
+
+_PARAM_VALUE_MAX = 500  # longer values are cut (with a marker) so configs stay readable in the UI
+_TAG_VALUE_MAX = 5000  # below MLflow's 8000-char tag limit
+_KEY_MAX = 250  # MLflow's entity key limit
+_TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Value normalisation (training thread)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _key(name: str) -> str:
+    """A key MLflow accepts (characters, no path tricks, length); a rejected key would drop its whole batch."""
+    k = re.sub(r"/+", "/", re.sub(r"[^/\w.\- :]", "_", name)).strip("/")[:_KEY_MAX] or "_"
+    norm = posixpath.normpath(k)
+    if norm != k or norm in (".", "..") or norm.startswith(("/", "../")):
+        k = "_" + k.replace("/", "_")
+    return k[:_KEY_MAX]
+
+
+def _truncate(value: Any, limit: int) -> str:
+    s = str(value)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tracker
+# ---------------------------------------------------------------------------------------------------------------
+
+_live_trackers: "weakref.WeakSet[Tracker]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    # The sender is a daemon thread: without this, a script that forgets close() would lose its queue.
+    for tracker in list(_live_trackers):
+        tracker.close()
+
+
+class Tracker:
+    """Rank-0 MLflow logging that never blocks or fails training. Non-rank-0 or disabled: every call is a no-op.
+
+    Typical use::
+
+        tracker = Tracker(cfg.tracking, run_dir, is_rank0=dist.is_rank0())
+        tracker.start("vaebm-celeba", "stage2", run_id=ckpt.get("mlflow_run_id"),
+                      parent_run_id=ckpt.get("mlflow_parent_run_id"))
+        tracker.log_params(cfg_dict); tracker.log_metrics({"loss": l}, step=images_seen)
+        ckpt["mlflow_parent_run_id"], ckpt["mlflow_run_id"] = tracker.run_ids
+        tracker.end("FINISHED"); tracker.close()
+
+    One Tracker per run directory at a time (it owns ``<run_dir>/tracking/``).
+    """
+
+    def __init__(self, config: TrackingConfig, run_dir: str | Path, is_rank0: bool):
+        self.config = config
+        self.active = bool(config.enabled and is_rank0)
+        self.run_dir = Path(run_dir)
+        self.uri: str | None = None
+        self._pipeline: str | None = None
+        self._parent_key: str | None = None
+        self._stage_key: str | None = None
+        self._closed = False
+        self._sender: _Sender | None = None
+        self._warned: set[str] = set()
+        if not self.active:
+            return
+        self.uri = resolve_tracking_uri(config)
+        # Recorded in each start op so a replay from pending.jsonl creates runs where they were meant to go.
+        self._where = {"experiment": config.experiment, "artifact_location": _artifact_location(self.uri)}
+        _configure_http(config)
+        self._dir = self.run_dir / "tracking"
+        self._staging = self._dir / "staging"
+        self._staging.mkdir(parents=True, exist_ok=True)
+        self._sender = _Sender(self.uri, config.retry_interval_s, self._dir / "pending.jsonl")
+        replay = read_pending(self._sender.pending_file)
+        if replay:
+            log.info("replaying %d MLflow operations left over in %s", len(replay), self._sender.pending_file)
+            self._sender.preload(replay)
+        self._sender.start()
+        _live_trackers.add(self)
+
+    # -- runs ---------------------------------------------------------------------------------------------------
+    def start(self, pipeline: str, stage: str, run_id: str | None = None,
+              parent_run_id: str | None = None) -> tuple[str | None, str | None]:
+        """Open (or, given ids from a checkpoint, resume) the pipeline's parent run and the stage's nested run.
+
+        Calling it again for another stage of the same pipeline reuses this tracker's parent run. Returns
+        ``(parent_run_id, stage_run_id)``; an id is None if the server did not create the run within
+        ``request_timeout_s`` -- it is created (and everything logged meanwhile replayed into it) once the server
+        answers, and `run_ids` reports it from then on.
+        """
+        if not self.active:
+            return None, None
+        if parent_run_id is not None or self._parent_key is None or pipeline != self._pipeline:
+            self._parent_key = uuid.uuid4().hex
+            self._pipeline = pipeline
+            self._put({"op": "start", "key": self._parent_key, "name": pipeline, "resume_id": parent_run_id,
+                       **self._where,
+                       # resuming only the stage run: find its parent from the run itself
+                       "parent_of": run_id if parent_run_id is None else None,
+                       "tags": {"vaebm.pipeline": pipeline}})
+        self._stage_key = uuid.uuid4().hex
+        self._put({"op": "start", "key": self._stage_key, "name": stage, "resume_id": run_id, **self._where,
+                   "parent_key": self._parent_key, "tags": {"vaebm.pipeline": pipeline, "vaebm.stage": stage}})
+        sender, key = self._sender, self._stage_key
+        failures, dropped = sender.failures, sender.dropped
+        # A local store never hangs on the network but may need seconds to create/migrate its database.
+        local = not self.uri.startswith(("http://", "https://"))
+        wait_s = max(self.config.request_timeout_s, self.config.flush_timeout_s if local else 0.0)
+        # Known outage: don't wait at all; otherwise until the id is known or the first attempt failed.
+        sender.wait_for(lambda: key in sender.ids or sender.failures > failures or sender.dropped > dropped
+                        or sender.down, wait_s)
+        return self.run_ids
+
+    @property
+    def run_ids(self) -> tuple[str | None, str | None]:
+        """(parent_run_id, stage_run_id) as far as known now; store these in checkpoints."""
+        if not self.active:
+            return None, None
+        ids = self._sender.ids
+        return ids.get(self._parent_key), ids.get(self._stage_key)
+
+    def end_stage(self, status: str = "FINISHED") -> None:
+        """Terminate the stage run."""
+        self._end(self._stage_key, status)
+
+    def end_pipeline(self, status: str = "FINISHED") -> None:
+        """Terminate the parent run (a later stage resuming it by id marks it RUNNING again)."""
+        self._end(self._parent_key, status)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Terminate the stage run and the parent run with `status` (FINISHED, FAILED or KILLED)."""
+        self.end_stage(status)
+        self.end_pipeline(status)
+
+    def _end(self, key: str | None, status: str) -> None:
+        status = status.upper()
+        if status not in _TERMINAL_STATUSES:
+            raise ValueError(f"status must be one of {_TERMINAL_STATUSES}, got {status!r}")
+        if self.active and key is not None:
+            self._put({"op": "end", "key": key, "status": status, "end_time": _now_ms()})
+
+    # -- logging --------------------------------------------------------------------------------------------------
+    def log_params(self, params: Mapping) -> None:
+        """Log params on the stage run: nested dicts flattened with '.', values stringified and cut at 500 chars."""
+        if self._ready("log_params"):
+            flat = {_key(k): _truncate(v, _PARAM_VALUE_MAX) for k, v in _flatten(params).items()}
+            self._put({"op": "params", "key": self._stage_key, "params": flat})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log scalar metrics at `step` on the stage run; NaN/inf are kept (MLflow stores them)."""
+        if not self._ready("log_metrics"):
+            return
+        ts = _now_ms()
+        entries = []
+        for k, v in _flatten(metrics).items():
+            try:
+                entries.append([_key(k), float(v), ts, int(step)])
+            except (TypeError, ValueError, RuntimeError):  # e.g. a string or a non-scalar tensor
+                self._warn_once(f"metric:{k}", "metric %r is not a scalar (%r); not logged", k, type(v).__name__)
+        if entries:
+            self._put({"op": "metrics", "key": self._stage_key, "metrics": entries})
+
+    def set_tags(self, tags: Mapping) -> None:
+        """Set tags on the stage run (flattened like params)."""
+        if self._ready("set_tags"):
+            flat = {_key(k): _truncate(v, _TAG_VALUE_MAX) for k, v in _flatten(tags).items()}
+            self._put({"op": "tags", "key": self._stage_key, "tags": flat})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file or directory to the stage run, as it is now: it is copied to a staging area first."""
+        if not self._ready("log_artifact"):
+            return
+        src = Path(path)
+        try:
+            dst = self._new_stage_dir() / src.name
+            if src.is_dir():
+                shutil.copytree(src, dst)
+            else:
+                shutil.copy2(src, dst)
+        except OSError as exc:
+            log.warning("cannot stage artifact %s (%s); not logged", src, exc)
+            return
+        self._put({"op": "artifact", "key": self._stage_key, "staged": str(dst), "artifact_path": artifact_path})
+
+    def log_model(self, name: str, config: dict, state_dict: Mapping[str, torch.Tensor], alias: str = "latest",
+                  extra_files: Mapping[str, str | bytes] | None = None) -> None:
+        """Log config.json + weights (+ extra_files) under ``model/<name>/<UTC time>/`` of the stage run, register
+        them as a new version of registered model `name` and point `alias` at it.
+
+        The weights are copied to CPU and written at call time, so training may keep updating them.
+        """
+        if not self._ready("log_model"):
+            return
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        try:
+            model_dir = self._new_stage_dir() / "model"
+            write_model_dir(model_dir, config, state_dict, extra_files)
+        except (OSError, TypeError, ValueError, RuntimeError) as exc:
+            log.warning("cannot write model %s for logging (%s); not logged", name, exc)
+            return
+        self._put({"op": "model", "key": self._stage_key, "name": name, "alias": alias,
+                   "staged": str(model_dir), "artifact_path": f"model/{_key(name)}/{stamp}"})
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Retry now and wait (at most `timeout_s`, default flush_timeout_s) until everything is sent."""
+        if not self.active or self._closed:
+            return True
+        return self._sender.flush(self.config.flush_timeout_s if timeout_s is None else timeout_s)
+
+    def close(self) -> None:
+        """Flush for up to flush_timeout_s, then persist what is unsent to <run_dir>/tracking/pending.jsonl."""
+        if not self.active or self._closed:
+            return
+        self._closed = True
+        _live_trackers.discard(self)
+        self._sender.flush(self.config.flush_timeout_s)
+        unsent = self._sender.stop(join_timeout=self.config.request_timeout_s + 1.0)
+        write_pending(self._sender.pending_file, unsent)
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def stats(self) -> dict:
+        """{'pending', 'sent', 'failures' (failed attempts), 'dropped' (rejected items), 'connected'}."""
+        if not self.active:
+            return {"pending": 0, "sent": 0, "failures": 0, "dropped": 0, "connected": False}
+        return self._sender.stats()
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+    def _put(self, op: dict) -> None:
+        if self._closed:
+            self._warn_once("closed", "Tracker is closed; %s not logged", op["op"])
+            return
+        self._sender.put(op)
+
+    def _ready(self, what: str) -> bool:
+        if not self.active:
+            return False
+        if self._stage_key is None:
+            self._warn_once("nostart", "%s called before Tracker.start(); ignored", what)
+            return False
+        return True
+
+    def _warn_once(self, key: str, msg: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
+
+    def _new_stage_dir(self) -> Path:
+        d = self._staging / uuid.uuid4().hex
+        d.mkdir(parents=True)
+        return d
