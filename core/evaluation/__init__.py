@@ -1,5 +1,5 @@
 """Evaluation metrics: FID (fid.py), IWAE likelihoods and bits/dim (iwae.py), exact 2-D likelihoods (density2d.py),
-OOD AUROC (ood.py). Library functions only: the evaluate launcher wires them to data, checkpoints and MLflow.
+OOD AUROC (ood.py), sample quality without downloads (sample_score.py). Library functions only: the evaluate launcher wires them to data, checkpoints and MLflow.
 
 Submodules are imported on first use: fid.py pulls in torchvision and pytorch-fid, which the others do not need.
 """
@@ -21,6 +21,8 @@ _LAZY = {
     "vaebm_log_likelihood": "density2d",
     # ood
     "auroc": "ood", "ood_auroc": "ood",
+    # sample_score
+    "DigitsScorer": "sample_score", "DigitsScorerConfig": "sample_score",
 }
 
 __all__ = list(_LAZY)
