@@ -391,7 +391,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def evaluate(config: EvaluateConfig, resolved: dict[str, Any]) -> dict[str, Any]:
     from core import dist as vdist
-    from core.tracking import Tracker, resolve_tracking_uri
+    from core.tracking import resolve_tracking_uri
 
     info = vdist.init_distributed(config.dist_timeout_s)
     uri = resolve_tracking_uri(config.tracking)

@@ -6,7 +6,6 @@ what the model can do (`TrainedModel.sample`), never on its kind.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,4 +104,4 @@ def run_sampling(config: SampleConfig, resolved: dict[str, Any]) -> Path:
 def describe_sampling(config: SampleConfig, resolved: dict[str, Any]) -> str:
     import yaml
 
-    return yaml.safe_dump(dataclasses.asdict(config) if not resolved else resolved, sort_keys=False)
+    return yaml.safe_dump(resolved, sort_keys=False)

@@ -118,7 +118,7 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, s
                 if loader is not None:
                     metrics.update(loader_metrics(loader, info.device))
                 for i, group in enumerate(engine.optimizer.param_groups):
-                    metrics[f"train/lr" if i == 0 else f"train/lr_group{i}"] = float(group["lr"])
+                    metrics["train/lr" if i == 0 else f"train/lr_group{i}"] = float(group["lr"])
                 metrics["progress/nimg"] = float(state.cur_nimg)
                 problem = method.health(metrics)
                 state.unhealthy_reports = state.unhealthy_reports + 1 if problem else 0
