@@ -127,6 +127,18 @@ def mc_log_partition(log_weight_fn: LogDensityFn, sample_fn: Callable[[int], tor
 
 
 @torch.no_grad()
+def vaebm_log_density(log_p_vae: torch.Tensor, energy: torch.Tensor, log_z: float = 0.0,
+                      average: bool = False) -> torch.Tensor | float:
+    """log h(x) = log p_vae(x) - E(x) - log Z per point (vaebm.md Eq. 5); with log_z = 0 the unnormalized
+    log p_vae(x) - E(x) of Eq. 4 (the integrand of log Z). `average=True` returns the mean over the points as a float,
+    computed as mean(log p_vae - E) - log Z: Eq. 5 is affine, so log Z leaves the mean (one subtraction, not N).
+    Every log h of the 2-D protocol (validation score, grid integrands, test rows) goes through here."""
+    log_h = log_p_vae - energy
+    if average:
+        return float(log_h.mean()) - log_z
+    return log_h - log_z
+
+
 def vaebm_log_likelihood(log_p_vae_fn: LogDensityFn, energy_fn: LogDensityFn, x_test: torch.Tensor,
                          grid: Grid2D | None = None, log_z: float | None = None) -> torch.Tensor:
     """Per-sample log h(x) = log p_vae(x) - E(x) - log Z (vaebm.md Eq. 5) with log Z from the grid (float64).
@@ -137,8 +149,8 @@ def vaebm_log_likelihood(log_p_vae_fn: LogDensityFn, energy_fn: LogDensityFn, x_
     grid = grid or Grid2D()
 
     def log_unnormalized(x: torch.Tensor) -> torch.Tensor:
-        return log_p_vae_fn(x).to(torch.float64) - energy_fn(x).to(torch.float64).reshape(-1)
+        return vaebm_log_density(log_p_vae_fn(x).to(torch.float64), energy_fn(x).to(torch.float64).reshape(-1))
 
     if log_z is None:
         log_z = log_partition_on(grid, log_unnormalized)
-    return _chunked(log_unnormalized, x_test, grid.chunk_size, grid.input_dtype) - log_z
+    return vaebm_log_density(_chunked(log_unnormalized, x_test, grid.chunk_size, grid.input_dtype), 0.0, log_z)

@@ -4,9 +4,10 @@ Data: equal-weight mixture of N(c, 0.1^2 I) over c in {-4,-2,0,2,4}^2; 50k train
 with a fixed seed. Models: the papers' MLP VAE (20-d latent, 4 FC layers of 256, `MLPVAEConfig()`) trained by the
 ELBO, then a VAEBM whose MLP energy (4 FC layers of 256) is trained with the contrastive-divergence loss
 (core.objectives.ebm, vaebm.md Eq. 7) and ClippedAdam (App. E) on negatives drawn by importance resampling of VAE
-samples (core.sampling.resampled_init) followed by eps-space Langevin on the exact target (core.sampling, vaebm.md
-Eq. 9). The energy checkpoint kept is the one with the best log-likelihood on a held-out validation split (10k draws
-independent of train and test): EBM training has no converged end point, and the test points must not choose it.
+samples followed by eps-space Langevin on the exact target (vaebm.md Eq. 9), through the same two functions as the
+image method's negative phase (core.methods.vaebm: `sir_chain_start`, `langevin_negatives`). The energy checkpoint
+kept is the one with the best log-likelihood on a held-out validation split (10k draws independent of train and
+test): EBM training has no converged end point, and the test points must not choose it.
 
 Why not the DeepSpeed training job: the models are tiny (a few 100k parameters), a single CPU process trains them in
 minutes, and the protocol needs exact control of the data split and of the likelihood evaluation, which the image
@@ -20,9 +21,9 @@ Likelihoods (nats, averaged over the test points):
   estimator p_vae(x) ~= (1/M) sum_m N(x; mu(z_m), sigma(z_m)^2), z_m ~ p(z), whose M decoder passes are shared by all
   points (a consistent, unbiased estimator of p_vae(x) itself); IWAE with `iwae_samples` (10,000) is run on the first
   `iwae_points` test points as a cross-check and both are reported.
-- `vaebm`: log h(x) = log p_vae(x) - E(x) - log Z (vaebm.md Eq. 5) with log Z = log int p_vae(x) exp(-E(x)) dx by
-  the midpoint rule on a grid (density2d.log_partition_on), cross-checked by the Monte Carlo estimate
-  log E_{x~p_vae}[exp(-E(x))] (density2d.mc_log_partition).
+- `vaebm`: log h(x) = log p_vae(x) - E(x) - log Z (vaebm.md Eq. 5, `vaebm_log_density`) with
+  log Z = log int p_vae(x) exp(-E(x)) dx by the midpoint rule on a grid (density2d.log_partition_on), cross-checked
+  by the Monte Carlo estimate log E_{x~p_vae}[exp(-E(x))] (density2d.mc_log_partition).
 """
 from __future__ import annotations
 
@@ -39,16 +40,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from core.evaluation.density2d import (Grid2D, grid_points, gaussians25_expected_log_likelihood,
+from core.evaluation.density2d import (Grid2D, vaebm_log_density, grid_points, gaussians25_expected_log_likelihood,
                                        gaussians25_log_density, log_partition_on, mc_log_partition, sample_gaussians25)
 from core.evaluation.iwae import iwae_log_likelihood
-from core.methods.potentials import make_vaebm_potential, split_state
+from core.methods.vaebm import langevin_negatives, sir_chain_start
 from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init
 from core.models.mlp_vae import MLPVAE, MLPVAEConfig
-from core.objectives.ebm import vaebm_loss
+from core.objectives.ebm import energy_magnitude_penalty, vaebm_loss
 from core.optim.clipped_adam import ClippedAdam
-from core.sampling.langevin import LangevinConfig, run_langevin
-from core.sampling.resampled_init import SCHEMES as RESAMPLING_SCHEMES, importance_resampled_init
+from core.sampling.langevin import LangevinConfig
+from core.sampling.resampled_init import SCHEMES as RESAMPLING_SCHEMES
 
 log = logging.getLogger("vaebm.evaluation.toy2d")
 
@@ -221,11 +222,11 @@ class ValidationScorer:
         e_grid = energy(self.grid).double().reshape(-1)
         e_val = energy(self.val).double().reshape(-1)
         energy.train(was_training)
-        log_w = self.lp_grid - e_grid
+        log_w = vaebm_log_density(self.lp_grid, e_grid)  # unnormalized log h on the grid (Eq. 4)
         log_z = float(torch.logsumexp(log_w, dim=0)) + self.log_cell
         # E_h[E] by the same quadrature: what the Langevin negatives' mean energy would be if they followed h
         self.exact_mean_energy = float((torch.softmax(log_w, dim=0) * e_grid).sum())
-        return float((self.lp_val - e_val).mean()) - log_z
+        return vaebm_log_density(self.lp_val, e_val, log_z, average=True)  # mean log h over validation (Eq. 5)
 
     def consider(self, step: int, energy: EnergyNet) -> float:
         value = self.score(energy)
@@ -242,17 +243,17 @@ class ValidationScorer:
 
 
 class NegativePhase:
-    """The negative samples of VAEBM training on 2-D data: each call resamples chain starts (SIR from the VAE,
-    core.sampling.resampled_init; with `persistent` > 0 a chain continues from its last state with that probability)
-    and runs `langevin_steps` eps-space Langevin updates on the exact target U(eps) = E(T(eps)) + |eps|^2/2
-    (vaebm.md Eq. 9), then decodes the chains to x."""
+    """The negative samples of VAEBM training on 2-D data, through the image method's code path: each call resamples
+    chain starts (SIR from the VAE, `sir_chain_start`; with `persistent` > 0 a chain continues from its last state
+    with that probability) and runs `langevin_steps` eps-space Langevin updates on the exact target
+    U(eps) = E(T(eps)) + |eps|^2/2 (vaebm.md Eq. 9) and decodes the chains to x (`langevin_negatives`). Specific to
+    2-D: chains that leave the data region (`chain_bound`) are restarted."""
 
     def __init__(self, vae: MLPVAE, energy: Callable[[torch.Tensor], torch.Tensor], protocol: Toy2DProtocol,
                  generator: torch.Generator, num_chains: int | None = None):
         self.vae, self.energy, self.protocol, self.gen = vae, energy, protocol, generator
         self.num_chains = num_chains or protocol.ebm_batch
         self.lcfg = LangevinConfig(num_steps=protocol.langevin_steps, step_size=protocol.step_size)
-        self.potential = make_vaebm_potential(vae, energy, mode="exact")
         eps_x, eps_z = vae.sample_noise(self.num_chains, generator=generator)
         self.state = [eps_x, *eps_z]
         self.escaped = 0  # chains restarted because they left the data region or went non-finite
@@ -263,23 +264,16 @@ class NegativePhase:
         eps_x, eps_z = self.vae.sample_noise(n, generator=self.gen)
         return [eps_x, *eps_z]
 
-    def _log_weight(self, state: list[torch.Tensor]) -> torch.Tensor:
-        """log w = -E(T(eps)): h's eps-space density over N(0, I) up to a constant (vaebm.md Eq. 9)."""
-        eps_x, eps_z = split_state(state)
-        x, _ = self.vae.generate(eps_z, eps_x)
-        return -self.energy(x)
-
     def draw(self) -> torch.Tensor:
         p, gen, n = self.protocol, self.gen, self.num_chains
-        init = importance_resampled_init(self._propose, self._log_weight, n, p.init_candidates, gen,
-                                         scheme=p.init_resampling)
+        init = sir_chain_start(self.vae, self.energy, self._propose, n, p.init_candidates, gen,
+                               scheme=p.init_resampling)
         self.ess_fraction = init.ess_fraction
         keep = (torch.rand(n, generator=gen) < p.persistent)[:, None]
         state = [torch.where(keep, s, f) for s, f in zip(self.state, init.state)]
-        state = run_langevin(self.potential, state, self.lcfg, generator=gen).state
+        x_neg, chains = langevin_negatives(self.vae, self.energy, state, self.lcfg, gen, target="exact")
+        state = chains.state
         with torch.no_grad():
-            ex, ez = split_state(state)
-            x_neg, _ = self.vae.generate(ez, ex)
             # Chains that left the data region (|x| > chain_bound) or went non-finite are restarted from N(0, I)
             # after this step. Escaped but finite chains stay in this step's negatives: they are where the energy
             # is spuriously low (a swish MLP extrapolates linearly), and only negatives there raise it (dropping
@@ -298,8 +292,9 @@ def train_energy(vae: MLPVAE, train: torch.Tensor, protocol: Toy2DProtocol,
                  selection: ValidationScorer | None = None) -> EnergyNet:
     """Stage 2 of VAEBM on 2-D data: CD loss (vaebm.md Eq. 7) with negatives from `NegativePhase` (SIR chain starts
     from the VAE, then eps-space Langevin on the exact target, Eq. 9), ClippedAdam (App. E). The energy-magnitude
-    penalty decays linearly from `energy_reg` to `energy_reg_final`: early it keeps E near zero while it takes shape
-    (the CD loss is blind to a constant shift); late it no longer biases the energy's shape.
+    penalty (core.objectives.ebm.energy_magnitude_penalty) decays linearly from `energy_reg` to `energy_reg_final`:
+    early it keeps E near zero while it takes shape (the CD loss is blind to a constant shift); late it no longer
+    biases the energy's shape.
 
     Why SIR starts and one small Langevin step (docs/benchmarks.md): on this data the decoder maps eps_z to x so
     steeply that an eps-space step of eta = 1e-2 moves x by ~0.8 (the modes are 0.1 wide) and raises the negatives'
@@ -326,12 +321,13 @@ def train_energy(vae: MLPVAE, train: torch.Tensor, protocol: Toy2DProtocol,
         e_pos, e_neg = energy(x_pos), energy(x_neg)
         spectral = energy.spectral_penalty() if protocol.alpha_s > 0 else torch.zeros(())
         out = vaebm_loss(e_pos, e_neg, spectral, protocol.alpha_s)
-        # Energy-magnitude penalty (Du & Mordatch 2019's alpha * (E(x+)^2 + E(x-)^2)): the CD loss is invariant to
-        # a constant shift and unbounded below when the chains lag the energy; the penalty bounds both.
+        # Energy-magnitude penalty: the CD loss is invariant to a constant shift and unbounded below when the chains
+        # lag the energy; the penalty bounds both. Added here rather than through vaebm_loss(magnitude_weight=...):
+        # the decayed weight can round to -1e-18 at the last step, which vaebm_loss rightly rejects.
         reg_w = protocol.energy_reg
         if protocol.energy_reg_final >= 0:
             reg_w += (protocol.energy_reg_final - protocol.energy_reg) * step / max(1, protocol.ebm_steps - 1)
-        loss = out.loss + reg_w * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
+        loss = out.loss + reg_w * energy_magnitude_penalty(e_pos, e_neg)
         if not bool(torch.isfinite(loss)):
             skipped += 1
             continue
@@ -425,10 +421,9 @@ def vaebm_langevin_sample(vae: MLPVAE, energy: EnergyNet, n: int, steps: int, st
                           generator: torch.Generator) -> torch.Tensor:
     """Approximate VAEBM samples (for plots / sanity checks only; likelihoods never use them)."""
     eps_x, eps_z = vae.sample_noise(n, generator=generator)
-    res = run_langevin(make_vaebm_potential(vae, energy), [eps_x, *eps_z],
-                       LangevinConfig(num_steps=steps, step_size=step_size), generator=generator)
-    ex, ez = split_state(res.state)
-    return vae.generate(ez, ex)[0]
+    x, _ = langevin_negatives(vae, energy, [eps_x, *eps_z], LangevinConfig(num_steps=steps, step_size=step_size),
+                              generator)
+    return x
 
 
 @dataclass
@@ -497,7 +492,7 @@ def evaluate_ll2d(vae: MLPVAE, energy: EnergyNet, test: torch.Tensor, protocol: 
     def grid_fn(x: torch.Tensor) -> torch.Tensor:
         lp = log_p_vae(x)
         grid_lp.append(lp)
-        return lp - energy_fn(x).reshape(-1)
+        return vaebm_log_density(lp, energy_fn(x).reshape(-1))  # unnormalized log h (Eq. 4)
 
     log_z = log_partition_on(grid, grid_fn)
     cell = (2 * w / protocol.grid_n) ** 2
@@ -508,7 +503,7 @@ def evaluate_ll2d(vae: MLPVAE, energy: EnergyNet, test: torch.Tensor, protocol: 
     mc = mc_log_partition(lambda x: -energy_fn(x), lambda n: vae_sample(vae, n, gen), protocol.mc_samples)
     timings["log_z_mc"] = time.perf_counter() - t
 
-    lh_test = lp_test - energy_fn(test).reshape(-1) - log_z
+    lh_test = vaebm_log_density(lp_test, energy_fn(test).reshape(-1), log_z)  # vaebm.md Eq. 5
     rows: dict[str, float] = {}
     true_se = None
     if analytic is not None:

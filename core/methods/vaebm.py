@@ -5,7 +5,9 @@
     x- = T(eps) after Langevin on U(eps) = E(T(eps)) + 1/2 ||eps||^2                 (vaebm.md Eq. 9, App. B)
 
 Chains start from fresh noise or, for eps_z, from the cross-rank replay buffer with a probability that ramps up
-(App. E). Registered as `vaebm-<dataset>`; the `vaebm` model kind is rebuilt here too.
+(App. E). Optionally the fresh starts are VAE draws resampled by exp(-E) (SIR, `sampler.init_candidates` > 1): the
+exact importance weight of h's eps-space law over N(0, I) (Eq. 9), see `sir_chain_start`. Registered as
+`vaebm-<dataset>`; the `vaebm` model kind is rebuilt here too.
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init
 from core.objectives.ebm import vaebm_loss
 from core.optim.clipped_adam import ClippedAdam
 from core.optim.config import OptimConfig
-from core.sampling.langevin import LangevinConfig, run_langevin
+from core.sampling.langevin import LangevinConfig, LangevinResult, autocast_context, run_langevin
 from core.sampling.replay_buffer import ReplayBuffer, ReplayBufferConfig, replay_probability
+from core.sampling.resampled_init import SCHEMES as RESAMPLING_SCHEMES, ResampledInit, importance_resampled_init
 from core.sampling.rng import rank_generator
 from core.seeding import derive_seed
 from core.visuals import energy_histogram, save_grid
@@ -54,6 +57,8 @@ class SamplerConfig:
     temperature: float = 1.0  # prior temperature inside T_z
     test_steps: int = 16  # chain length for sample grids and the sampling job (16/20/24 in App. E)
     persistent: bool = False  # eps_z chains start from the replay buffer with probability p (Table 8 "Persistent")
+    init_candidates: int = 1  # chains start at VAE draws resampled by exp(-E) from K per chain (SIR); 1: N(0, I)
+    init_resampling: str = "pooled"  # SIR scheme (core.sampling.resampled_init): pooled | per_chain
 
 
 @dataclass
@@ -82,6 +87,14 @@ class VAEBMConfig(BackboneConfig):
             raise ValueError("sampler.langevin.num_steps must be >= 1")
         if self.sampler.test_steps < 1:
             raise ValueError("sampler.test_steps must be >= 1")
+        if self.sampler.init_candidates < 1:
+            raise ValueError(f"sampler.init_candidates must be >= 1, got {self.sampler.init_candidates}")
+        if self.sampler.init_resampling not in RESAMPLING_SCHEMES:
+            raise ValueError(f"sampler.init_resampling must be one of {RESAMPLING_SCHEMES}, "
+                             f"got {self.sampler.init_resampling!r}")
+        if self.sampler.init_candidates > 1 and self.sampler.target != "exact":
+            raise ValueError("sampler.init_candidates > 1 needs sampler.target=exact: exp(-E(T(eps))) is the "
+                             "importance weight of the exact eps-space target only (vaebm.md Eq. 9)")
         if self.buffer.device not in ("cpu", "cuda"):
             raise ValueError("buffer.device must be cpu or cuda")
         if self.objective.alpha_s < 0 or self.objective.divergence_patience < 1:
@@ -92,6 +105,41 @@ class VAEBMConfig(BackboneConfig):
             self.energy.validate()
         except (ValueError, KeyError) as err:
             raise ValueError(f"energy: {err}") from None
+
+
+def sir_chain_start(backbone, energy_fn: Callable[[torch.Tensor], torch.Tensor],
+                    propose: Callable[[int], list[torch.Tensor]], num_chains: int, candidates: int,
+                    generator: torch.Generator | None, scheme: str = "pooled", temperature: float = 1.0,
+                    use_mean: bool = False, autocast: str | None = None) -> ResampledInit:
+    """Chain starts [eps_x, *eps_z] of VAEBM's negative phase by sampling-importance-resampling.
+
+    `propose(n)` draws n eps-space candidates from N(0, I) (the VAE's base distribution); each is weighted by
+    log w = -E(T(eps)), the exact log importance weight of h's eps-space law over N(0, I) (vaebm.md Eq. 4 and Eq. 9:
+    U = E(T(eps)) + |eps|^2/2), with T = `decode` (the same decoder sample or mean the Langevin potential scores).
+    num_chains are kept (core.sampling.resampled_init, `scheme` pooled | per_chain). candidates = 1: the proposal's
+    draws, `energy_fn` is not called and `generator` draws nothing. The weights come back on the proposal's device
+    (the resampling draws from `generator` there); the networks run on the backbone's device.
+    """
+    device = next(backbone.parameters()).device
+
+    def log_weight(state: list[torch.Tensor]) -> torch.Tensor:
+        with autocast_context(device.type, autocast):
+            x = decode(backbone, [t.to(device) for t in state], temperature, use_mean)
+            return -energy_fn(x).float().reshape(-1).to(state[0].device)  # vaebm.md Eq. 9: log w = -E(T(eps))
+
+    return importance_resampled_init(propose, log_weight, num_chains, candidates, generator, scheme=scheme)
+
+
+def langevin_negatives(backbone, energy_fn: Callable[[torch.Tensor], torch.Tensor], state: list[torch.Tensor],
+                       langevin: LangevinConfig, generator: torch.Generator | None, target: str = "exact",
+                       temperature: float = 1.0, use_mean: bool = False) -> tuple[torch.Tensor, LangevinResult]:
+    """eps-space Langevin from `state` on U(eps) = E(T(eps)) + |eps|^2/2 (vaebm.md Eq. 9; `target`, see
+    make_vaebm_potential), then x- = T(eps) (Eq. 8). Returns (x-, the chains)."""
+    potential = make_vaebm_potential(backbone, energy_fn, mode=target, temperature=temperature, use_mean=use_mean)
+    result = run_langevin(potential, state, langevin, generator=generator)
+    with torch.no_grad():
+        x_neg = decode(backbone, result.state, temperature, use_mean)
+    return x_neg, result
 
 
 class CastingEnergy(torch.nn.Module):
@@ -168,20 +216,32 @@ class VAEBMMethod(Method):
                                     use_mean=s.use_mean)
 
     def negatives(self, batch_size: int):
-        """This step's chains: (x-, final eps_z, Langevin result, replayed mask)."""
+        """This step's chains: (x-, final eps_z, Langevin result, replayed mask).
+
+        Fresh starts are N(0, I), or with `sampler.init_candidates` K > 1 VAE draws resampled by exp(-E) from K per
+        chain (`sir_chain_start`); with the replay buffer, replayed rows then take the buffer's eps_z."""
+        s = self.config.sampler
         device, seed, rank, it = self.ctx.device, self.ctx.seed, self.ctx.rank, self.iteration.value
         init_gen = rank_generator(seed, rank, it, "cpu", stream=0)  # chain starts (the buffer draws on the CPU)
         noise_gen = rank_generator(seed, rank, it, device, stream=1)  # Langevin noise
-        eps_x, eps_z = self.backbone.sample_noise(batch_size, generator=init_gen, device=torch.device("cpu"))
+
+        def propose(n: int) -> list[torch.Tensor]:  # the SIR proposal N(0, I), drawn on the CPU from init_gen
+            return join_state(*self.backbone.sample_noise(n, generator=init_gen, device=torch.device("cpu")))
+
+        init = sir_chain_start(self.backbone, self.energy_fp32, propose, batch_size, s.init_candidates, init_gen,
+                               s.init_resampling, s.temperature, s.use_mean, s.langevin.autocast)
+        eps_x, eps_z = split_state(init.state)
         replayed = torch.zeros(batch_size, dtype=torch.bool)
         if self.buffer is not None:  # vaebm.md App. E: eps_z replayed with probability p, eps_x always fresh
             b = self.config.buffer
-            eps_z, replayed = self.buffer.init_chains(batch_size, replay_probability(it, b.max_p, b.anneal_iterations),
-                                                      init_gen, device=torch.device("cpu"))
+            p_replay = replay_probability(it, b.max_p, b.anneal_iterations)
+            buffered, replayed = self.buffer.init_chains(batch_size, p_replay, init_gen, device=torch.device("cpu"))
+            # K = 1: the buffer's own fresh rows are the N(0, I) starts; K > 1: only replayed rows leave the SIR draw
+            eps_z = buffered if s.init_candidates == 1 else [
+                torch.where(replayed.view(-1, *[1] * (r.dim() - 1)), r, e) for r, e in zip(buffered, eps_z)]
         state = join_state(eps_x.to(device), [e.to(device) for e in eps_z])
-        result = run_langevin(self.potential(), state, self.config.sampler.langevin, generator=noise_gen)
-        with torch.no_grad():
-            x_neg = decode(self.backbone, result.state, self.config.sampler.temperature, self.config.sampler.use_mean)
+        x_neg, result = langevin_negatives(self.backbone, self.energy_fp32, state, s.langevin, noise_gen, s.target,
+                                           s.temperature, s.use_mean)
         return x_neg, split_state(result.state)[1], result, replayed
 
     def loss(self, net: Callable[..., torch.Tensor], batch: dict[str, Any], nimg: int):
