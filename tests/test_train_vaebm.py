@@ -54,7 +54,7 @@ def test_resume_with_replay_buffer_is_bit_identical(small_backbone, tmp_path):
     _finish(_deepspeed_vaebm([*args, f"run.dir={run_b}", "run.stop_after_nimg=32"], tmp_path))
     assert not (run_b / "model").exists()
     assert (run_b / "checkpoints" / "nimg-000000000032" / "rank1.pt").is_file()
-    buffer_state = torch.load(run_b / "checkpoints" / "nimg-000000000032" / "rank1.pt", weights_only=False)["buffer"]
+    buffer_state = torch.load(run_b / "checkpoints" / "nimg-000000000032" / "rank1.pt", weights_only=True)["buffer"]
     assert buffer_state  # the replay buffer shard of rank 1 is part of the checkpoint
     out = _finish(_deepspeed_vaebm([*args, f"run.dir={run_b}"], tmp_path))
     assert "resuming from nimg-000000000032" in out

@@ -106,7 +106,7 @@ class CheckpointManager:
                 obj.load_state_dict(client_state[name])
         rank_file = self.root / tag / f"rank{self.rank}.pt"
         if rank_file.is_file():
-            rank_state = torch.load(rank_file, weights_only=False)  # our own file: RNG states hold numpy objects
+            rank_state = torch.load(rank_file, weights_only=True)  # tensors, numbers, strings, lists: no pickled code
             for name, obj in per_rank.items():
                 if name in rank_state:
                     obj.load_state_dict(rank_state[name])
