@@ -195,7 +195,10 @@ def _pre_seam_negatives(m: VAEBMMethod, batch_size: int):
         eps_z, replayed = m.buffer.init_chains(batch_size, replay_probability(it, b.max_p, b.anneal_iterations),
                                                init_gen, device=torch.device("cpu"))
     state = join_state(eps_x.to(device), [e.to(device) for e in eps_z])
-    result = run_langevin(m.potential(), state, m.config.sampler.langevin, generator=noise_gen)
+    s = m.config.sampler
+    potential = make_vaebm_potential(m.backbone, m.energy_fp32, mode=s.target, temperature=s.temperature,
+                                     use_mean=s.use_mean)
+    result = run_langevin(potential, state, s.langevin, generator=noise_gen)
     with torch.no_grad():
         x_neg = decode(m.backbone, result.state, m.config.sampler.temperature, m.config.sampler.use_mean)
     return x_neg, split_state(result.state)[1], result, replayed

@@ -20,7 +20,7 @@ import torch
 
 from core.methods.base import BackboneConfig, Method, MethodContext, register_method
 from core.methods.bundles import SampleOptions, Samples, TrainedModel, freeze, register, sub_state
-from core.methods.nvae import VAEModel, build_vae, float_state
+from core.methods.nvae import build_vae, float_state
 from core.methods.potentials import (TARGET_MODES, chain_start, decode, join_state, make_vaebm_potential,
                                      split_state)
 from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init
@@ -210,11 +210,6 @@ class VAEBMMethod(Method):
         self.reference_batch = x[: self.ctx.sample_count].cpu()
 
     # ------------------------------------------------------------------------------------------------ one step
-    def potential(self):
-        s = self.config.sampler
-        return make_vaebm_potential(self.backbone, self.energy_fp32, mode=s.target, temperature=s.temperature,
-                                    use_mean=s.use_mean)
-
     def negatives(self, batch_size: int):
         """This step's chains: (x-, final eps_z, Langevin result, replayed mask).
 
@@ -272,12 +267,12 @@ class VAEBMMethod(Method):
         device = self.ctx.device
         eps_x, eps_z = self.fixed_noise
         gen = torch.Generator(device=device).manual_seed(derive_seed(self.ctx.seed, _TEST_CHAIN_STREAM))
-        result = run_langevin(self.potential(), join_state(eps_x.to(device), [e.to(device) for e in eps_z]), lcfg,
-                              generator=gen)
+        x, result = langevin_negatives(self.backbone, self.energy_fp32,
+                                       join_state(eps_x.to(device), [e.to(device) for e in eps_z]), lcfg, gen,
+                                       s.target, s.temperature, s.use_mean)
         tag = f"nimg-{nimg:012d}"
         paths = [out_dir / f"{tag}-samples.png", out_dir / f"{tag}-chains.png", out_dir / f"{tag}-energies.png"]
         with torch.no_grad():
-            x = decode(self.backbone, result.state, s.temperature, s.use_mean)
             save_grid(x, paths[0])
             rows = min(8, len(x))
             frames = [decode(self.backbone, [t[:rows] for t in snap], s.temperature, s.use_mean)
@@ -360,14 +355,11 @@ class VAEBMModel(TrainedModel):
         lcfg = dataclasses.replace(s.langevin, num_steps=o.steps or s.test_steps,
                                    step_size=o.step_size or s.langevin.step_size, record_every=o.record_every)
         init = chain_start(self.backbone, n, generator, o.init, o.init_temperature, o.bn_iterations)
-        potential = make_vaebm_potential(self.backbone, self.energy_net, mode=s.target, temperature=t,
-                                         use_mean=use_mean)
-        result = run_langevin(potential, init, lcfg, generator=generator)
+        images, result = langevin_negatives(self.backbone, self.energy_net, init, lcfg, generator, s.target, t,
+                                            use_mean)
         with torch.no_grad():
-            images = decode(self.backbone, result.state, t, use_mean)
             frames = [decode(self.backbone, snap, t, use_mean) for snap in result.snapshots] or None
         return Samples(images, frames)
 
 
-__all__ = ["VAEBMMethod", "VAEBMConfig", "VAEBMModel", "SamplerConfig", "EBMOptimConfig", "EBMObjectiveConfig",
-           "VAEModel"]
+__all__ = ["VAEBMMethod", "VAEBMConfig", "VAEBMModel", "SamplerConfig", "EBMOptimConfig", "EBMObjectiveConfig"]
