@@ -33,7 +33,7 @@ def _sync(device: torch.device) -> None:
 def main(argv: list[str]) -> int:
     from core.models import NVAE, NVAEConfig
     from core.training.config import load_preset
-    from core.models.energy import EnergyNet, energy_preset
+    from core.models.energy import EnergyNet, EnergyNetConfig
     from core.objectives.elbo import ELBOConfig, kl_balance_weights, nelbo_loss
     from core.sampling.langevin import LangevinConfig, run_langevin
     from core.methods.potentials import make_vaebm_potential
@@ -68,8 +68,8 @@ def main(argv: list[str]) -> int:
     train_rate = batch * steps / (time.perf_counter() - t0)
 
     model.eval().requires_grad_(False)
-    energy = EnergyNet(energy_preset(a["energy"], image_size=cfg.image_size, in_channels=cfg.in_channels,
-                                     base_channels=int(a["energy_channels"]))).to(device)
+    energy = EnergyNet(load_preset("energy", a["energy"], EnergyNetConfig, image_size=cfg.image_size,
+                                   in_channels=cfg.in_channels, base_channels=int(a["energy_channels"]))).to(device)
     potential = make_vaebm_potential(model, energy)
     eps_x, eps_z = model.sample_noise(batch, device=device)
     lcfg = LangevinConfig(num_steps=steps, step_size=1e-5, autocast=autocast)

@@ -133,7 +133,8 @@ def _free_port() -> int:
 
 
 def _model_and_batches():
-    from core.models.energy import EnergyNet, energy_preset
+    from core.models.energy import EnergyNet
+    from presets import energy_preset
 
     torch.manual_seed(0)
     model = EnergyNet(energy_preset("mlp", hidden=16, num_layers=2))

@@ -9,11 +9,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from core.dist import all_reduce_sum
-from core.models.energy import (EnergyNet, EnergyNetConfig, data_dependent_init, energy_config_from_dict,
-                                energy_preset, wn_layers)
+from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init, wn_layers
 from core.models.energy_blocks import Swish
 from core.models.layers import WNLinear
 from core.models.layers import WNConv2d
+from presets import energy_preset
 
 # vaebm.md Table 7, transcribed in absolute widths (README n_channel: 128 for CIFAR-10, 64 otherwise):
 # stem width, then (width, down) per ResBlock.
@@ -63,7 +63,7 @@ def test_mlp_preset_and_config_from_dict():
     net = EnergyNet(energy_preset("mlp"))
     assert net(torch.randn(5, 2)).shape == (5,)
     assert len(net.hidden_layers) == 3 and all(isinstance(m, WNLinear) for m in net.hidden_layers)
-    cfg = energy_config_from_dict({"preset": "celeba64", "base_channels": 8, "swish": "swish_official"})
+    cfg = energy_preset("celeba64", base_channels=8, swish="swish_official")
     assert (cfg.arch, cfg.base_channels, cfg.image_size, cfg.swish) == ("celeba64", 8, 64, "swish_official")
     with pytest.raises(KeyError):
         energy_preset("cifar10", n_channel=3)
@@ -247,7 +247,7 @@ def test_init_scales_are_validated_against_the_layers():
         energy_preset("cifar10", base_channels=4, init_scales=[1.0])
     n = energy_preset("cifar10").num_wn_layers()
     assert n == 1 + 2 * 6 + 3 + 1  # stem, two convs per block, three 1x1 shortcuts (Table 7 down blocks), head
-    assert energy_config_from_dict({"preset": "cifar10", "init_scales": [0.5] * n}).init_scales == [0.5] * n
+    assert energy_preset("cifar10", init_scales=[0.5] * n).init_scales == [0.5] * n
 
 
 def test_per_layer_init_scales_set_each_layer_std():
@@ -297,3 +297,20 @@ def test_init_scales_reproduce_the_former_per_layer_init_bit_for_bit():
     data_dependent_init(net, x, init_scale=net.config.init_scale)
     for key, value in reference.state_dict().items():
         assert torch.equal(net.state_dict()[key], value), key
+
+
+def test_conf_presets_are_diffs_over_the_defaults():
+    """conf/energy/<name>.yaml holds only what differs from EnergyNetConfig's defaults, and cifar10 is the defaults."""
+    import pathlib
+
+    import yaml
+
+    assert energy_preset("cifar10") == EnergyNetConfig()
+    defaults = dataclasses.asdict(EnergyNetConfig())
+    files = sorted((pathlib.Path(__file__).resolve().parents[1] / "conf" / "energy").glob("*.yaml"))
+    assert {p.stem for p in files} == {*TABLE7, "mlp"}
+    for path in files:
+        diff = yaml.safe_load(path.read_text()) or {}
+        assert all(defaults[k] != v for k, v in diff.items()), f"{path.name} repeats a default"
+    with pytest.raises(KeyError, match="unknown energy preset"):
+        energy_preset("cifar100")

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from core.models.energy import EnergyNet, energy_preset
+from core.models.energy import EnergyNet
+from presets import energy_preset
 from core.objectives.ebm import contrastive_divergence_loss, energy_magnitude_penalty, vaebm_loss
 
 

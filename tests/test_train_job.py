@@ -36,6 +36,13 @@ def test_every_method_has_a_conf_group_and_presets():
         assert config.method == name and isinstance(config, cls.config_class)
 
 
+def test_preset_groups_select_typed_sections():
+    config, _, _ = compose_job(["method=vaebm", "energy=celeba64", "dataset.size=64", "energy.base_channels=8"])
+    assert (config.energy.arch, config.energy.image_size, config.energy.base_channels) == ("celeba64", 64, 8)
+    config, _, _ = compose_job(["method=nvae", "experiment=celebahq256"])
+    assert (config.nvae.image_size, config.nvae.num_x_bits, config.dataset.num_bits) == (256, 5, 5)
+
+
 def test_unknown_method_and_misplaced_keys_are_config_errors():
     with pytest.raises(ConfigError, match="unknown method 'gan'"):
         compose_job(["method=gan"])
@@ -132,3 +139,28 @@ def test_evaluation_finds_the_runs_of_a_run_directory(tmp_path):
     for ref in (run, run / "model"):
         found = model_runs(str(ref), uri)
         assert (found["run"], found["parent"]) == ("stage-id", "parent-id")
+
+
+def test_rng_streams_round_trip_through_a_pickle_free_file(tmp_path):
+    """The per-rank checkpoint file holds the RNG streams as tensors and numbers, so it loads with
+    weights_only=True, and restoring it replays exactly the draws that followed the save (numpy's cached Gaussian
+    and Python's gauss cache included)."""
+    import random
+
+    from core import dist as vdist
+
+    random.seed(5)
+    np.random.seed(7)
+    torch.manual_seed(3)
+    np.random.standard_normal()
+    random.gauss(0.0, 1.0)
+    torch.save({"rng": vdist.rng_state()}, tmp_path / "rank0.pt")
+
+    def draws():
+        return (random.random(), random.gauss(0.0, 1.0), np.random.rand(), np.random.standard_normal(),
+                torch.rand(3).tolist())
+
+    expected = draws()
+    draws()  # move every stream on
+    vdist.set_rng_state(torch.load(tmp_path / "rank0.pt", weights_only=True)["rng"])
+    assert draws() == expected

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from core.models.energy_blocks import ACTIVATIONS, EnergyResBlock, Swish
 from core.models.layers import WNConv2d, WNLinear
-from core.models.presets import preset_with_overrides, split_preset
 from core.models.spectral import SpectralRegularizer
 
 # vaebm.md Table 7: (output width as a multiple of base_channels, down-samples?) per ResBlock, after a 3x3 conv stem
@@ -85,28 +84,6 @@ class EnergyNetConfig:
             count += 2 + (mult != mult_in or down)  # conv1, conv2, and the 1x1 shortcut where EnergyResBlock has one
             mult_in = mult
         return count + 1  # head
-
-
-PRESETS: dict[str, EnergyNetConfig] = {
-    "cifar10": EnergyNetConfig(arch="cifar10", image_size=32, base_channels=128),
-    "celeba64": EnergyNetConfig(arch="celeba64", image_size=64, base_channels=64),
-    "lsun_church64": EnergyNetConfig(arch="lsun_church64", image_size=64, base_channels=64),
-    "celebahq256": EnergyNetConfig(arch="celebahq256", image_size=256, base_channels=64),
-    "mlp": EnergyNetConfig(arch="mlp", data_dim=2, hidden=128, num_layers=3),
-}
-
-
-def energy_preset(name: str, **overrides) -> EnergyNetConfig:
-    """A fresh copy of a named preset with field overrides; unknown names and fields are clear errors."""
-    cfg = preset_with_overrides("energy", PRESETS, name, overrides)
-    cfg.validate()
-    return cfg
-
-
-def energy_config_from_dict(values: dict) -> EnergyNetConfig:
-    """Build from a config mapping: `preset` plus field overrides (same convention as the NVAE configs)."""
-    name, overrides = split_preset("energy", PRESETS, values)
-    return energy_preset(name, **overrides)
 
 
 class EnergyNet(nn.Module):

@@ -12,7 +12,6 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -200,22 +199,21 @@ def compose(schema: type, config_name: str, overrides: list[str]):
 
 
 def load_preset(group: str, name: str, schema: type, **overrides):
-    """A preset of conf/<group>/<name>.yaml (a diff over `schema`'s defaults) as a typed object, e.g.
-    `load_preset("nvae", "cifar10", NVAEConfig)`; unknown names and fields are clear errors."""
+    """A preset of conf/<group>/<name>.yaml (a diff over `schema`'s defaults) with field overrides, as a validated
+    typed object, e.g. `load_preset("nvae", "cifar10", NVAEConfig)`; unknown names and fields are KeyErrors."""
     path = CONF_DIR / group / f"{name}.yaml"
     if not path.is_file():
-        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        raise KeyError(f"unknown {group} preset {name!r}; choose one of {options}")
+        raise KeyError(f"unknown {group} preset {name!r}; choose one of {preset_names(group)}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path), overrides)
-        return OmegaConf.to_object(merged)
+        config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise KeyError(str(err).splitlines()[0]) from None
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
 
 
 def preset_names(group: str) -> list[str]:
+    """The presets of conf/<group>/."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def asdict(config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
