@@ -46,12 +46,16 @@ class NVAEMethodConfig:
             raise ValueError(f"dataset.num_bits={dataset.num_bits} but nvae.num_x_bits={nvae.num_x_bits}")
 
 
+# The noise-space VAE kinds a bundle can describe: kind -> (module class, config class); the bundle stores the config
+# under the kind's name, e.g. {"kind": "nvae", "nvae": {...}}.
+_VAE_KINDS: dict[str, tuple[type[NoiseSpaceVAE], type]] = {"nvae": (NVAE, NVAEConfig), "mlp_vae": (MLPVAE, MLPVAEConfig)}
+
+
 def vae_bundle(model: NoiseSpaceVAE) -> dict[str, Any]:
     """The typed description stored beside a noise-space VAE's weights."""
-    if isinstance(model, NVAE):
-        return {"kind": "nvae", "nvae": dataclasses.asdict(model.config)}
-    if isinstance(model, MLPVAE):
-        return {"kind": "mlp_vae", "mlp_vae": dataclasses.asdict(model.config)}
+    for kind, (module_cls, _) in _VAE_KINDS.items():
+        if isinstance(model, module_cls):
+            return {"kind": kind, kind: dataclasses.asdict(model.config)}
     raise TypeError(f"no bundle format for {type(model).__name__}")
 
 
@@ -153,15 +157,14 @@ class VAEModel(TrainedModel):
         return Samples(decode(self.model, state, t, use_mean=True if o.use_mean is None else o.use_mean))
 
 
-register("nvae")(VAEModel)
-register("mlp_vae")(VAEModel)
+for _kind in _VAE_KINDS:
+    register(_kind)(VAEModel)
 
 
 def build_vae(bundle: dict[str, Any]) -> NoiseSpaceVAE:
     """An untrained noise-space VAE module from its description ({'kind': 'nvae'|'mlp_vae', ...})."""
     kind = bundle.get("kind")
-    if kind == "nvae":
-        return NVAE(NVAEConfig(**bundle["nvae"]))
-    if kind == "mlp_vae":
-        return MLPVAE(MLPVAEConfig(**bundle["mlp_vae"]))
-    raise ValueError(f"{kind!r} is not a VAE backbone kind (nvae, mlp_vae)")
+    if kind not in _VAE_KINDS:
+        raise ValueError(f"{kind!r} is not a VAE backbone kind ({', '.join(_VAE_KINDS)})")
+    module_cls, config_cls = _VAE_KINDS[kind]
+    return module_cls(config_cls(**bundle[kind]))
