@@ -46,12 +46,12 @@ class SampleConfig:
         req(self.steps is None or self.steps >= 1, "steps must be >= 1")
         req(self.step_size is None or self.step_size > 0, "step_size must be > 0")
 
-    def options(self, record_every: int = 0):
+    def options(self, strip_frames: int = 0):
         from core.methods import SampleOptions
 
         return SampleOptions(steps=self.steps, step_size=self.step_size, temperature=self.temperature,
                              init=self.init, init_temperature=self.init_temperature,
-                             bn_iterations=self.bn_iterations, record_every=record_every)
+                             bn_iterations=self.bn_iterations, strip_frames=strip_frames)
 
 
 def load_trained_model(reference: str, device: torch.device, tracking_uri: str | None):
@@ -91,8 +91,7 @@ def run_sampling(config: SampleConfig, resolved: dict[str, Any]) -> Path:
         np.savez(out / f"samples-rank{info.rank}.npz", images=np.concatenate(images), indices=np.array(list(mine)))
     if info.is_rank0 and config.grid:
         gen = torch.Generator(device=info.device).manual_seed(vdist.derive_seed(config.seed, 0xC4A1))
-        steps = config.steps or getattr(getattr(model, "sampler", None), "test_steps", 8)
-        strip = model.sample(min(8, config.n), gen, config.options(record_every=max(steps // 8, 1)))
+        strip = model.sample(min(8, config.n), gen, config.options(strip_frames=8))
         if strip.frames:
             save_grid(torch.stack(strip.frames, 1).flatten(0, 1), out / "chains.png", nrow=len(strip.frames))
         first = torch.from_numpy(np.concatenate(images)[:64]).float() / 127.5 - 1

@@ -28,13 +28,13 @@ class SampleOptions:
     init: str = "normal"  # normal: chains start at eps ~ N(0, I) | low_temperature: encoded low-temperature samples
     init_temperature: float = 0.7  # temperature of those samples
     bn_iterations: int = 20  # BN re-estimation passes for low_temperature init
-    record_every: int = 0  # keep chain snapshots every k steps (chain strips); 0: none
+    strip_frames: int = 0  # about this many evenly spaced chain snapshots (chain strips); 0: none
 
 
 @dataclass
 class Samples:
     images: torch.Tensor  # (n, C, H, W) in [-1, 1], fp32
-    frames: list[torch.Tensor] | None = None  # chain snapshots decoded to images (when record_every > 0)
+    frames: list[torch.Tensor] | None = None  # chain snapshots decoded to images (when strip_frames > 0)
 
 
 class TrainedModel(abc.ABC):

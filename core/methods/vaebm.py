@@ -352,8 +352,9 @@ class VAEBMModel(TrainedModel):
         s = self.sampler
         t = s.temperature if o.temperature is None else o.temperature
         use_mean = s.use_mean if o.use_mean is None else o.use_mean
-        lcfg = dataclasses.replace(s.langevin, num_steps=o.steps or s.test_steps,
-                                   step_size=o.step_size or s.langevin.step_size, record_every=o.record_every)
+        steps = o.steps or s.test_steps
+        lcfg = dataclasses.replace(s.langevin, num_steps=steps, step_size=o.step_size or s.langevin.step_size,
+                                   record_every=max(steps // o.strip_frames, 1) if o.strip_frames else 0)
         init = chain_start(self.backbone, n, generator, o.init, o.init_temperature, o.bn_iterations)
         images, result = langevin_negatives(self.backbone, self.energy_net, init, lcfg, generator, s.target, t,
                                             use_mean)
