@@ -1,17 +1,20 @@
 """Atomic, implicit-resume checkpoints around `engine.save_checkpoint` (DESIGN.md "Resume is implicit").
 
 Layout under <run_dir>/checkpoints/:
-    nimg-000000640/         one complete checkpoint (DeepSpeed files + rank<r>.pt per rank)
-    latest                  the tag of the newest complete checkpoint
+    nimg-000000640/         one complete checkpoint (DeepSpeed files + rank<r>.pt per rank + manifest.json)
+    latest                  the tag of the newest complete checkpoint (a hint: resume checks the directories)
     .partial-nimg-.../      a checkpoint being written; never read, removed on the next save
 
 A checkpoint becomes visible only by a rename after every rank has finished writing, and `latest` is replaced
-atomically, so a job killed at any instant resumes from the last complete checkpoint. The run directory must be on a
-filesystem every rank sees (a shared volume on multi-node jobs).
+atomically, so a job killed at any instant resumes from the last complete checkpoint. Each published checkpoint
+carries a manifest (every file's size and SHA-256); resume takes the newest checkpoint that verifies, warns naming
+each one it skips, and refuses to start from zero while checkpoints exist that do not verify. The run directory must
+be on a filesystem every rank sees (a shared volume on multi-node jobs).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +28,45 @@ from core import dist as vdist
 
 log = logging.getLogger("vaebm.checkpoint")
 LATEST = "latest"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist in the run directory but none can be resumed from (nothing is overwritten)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """manifest.json listing every file below `directory` with its size and SHA-256."""
+    files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    _write_atomic(directory / MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def verify_manifest(directory: Path) -> str | None:
+    """None when every file of the manifest is there with its size and SHA-256, else what is wrong."""
+    try:
+        files = json.loads((directory / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return "no manifest.json"
+    except (ValueError, KeyError, TypeError) as err:
+        return f"unreadable manifest.json ({err})"
+    for rel, want in files.items():
+        path = directory / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{rel} has {path.stat().st_size} bytes, the manifest says {want['size']}"
+        if _sha256(path) != want["sha256"]:
+            return f"{rel} does not match its SHA-256"
+    return None
 
 
 def tag_for(cur_nimg: int) -> str:
@@ -58,12 +100,32 @@ class CheckpointManager:
         self.rank = rank
         self.world_size = world_size
 
-    def latest_tag(self) -> str | None:
+    def select(self) -> str | None:
+        """Collective: the tag of the newest checkpoint that verifies against its manifest (decided on rank 0), or
+        None when the run directory has none. Raises CheckpointError when checkpoints exist but none verifies."""
+        choice = self._select() if self.rank == 0 else None
+        choice = vdist.broadcast_object(choice)
+        if isinstance(choice, dict):
+            raise CheckpointError(choice["error"])
+        return choice
+
+    def _select(self) -> str | dict | None:
+        tags = sorted((p.name for p in self.root.glob("nimg-*") if p.is_dir()), reverse=True)
         marker = self.root / LATEST
-        if not marker.is_file():
-            return None
-        tag = marker.read_text().strip()
-        return tag if (self.root / tag).is_dir() else None
+        if marker.is_file() and marker.read_text().strip() not in tags:
+            log.warning("ignoring %s: it names no checkpoint (%r); resuming from the newest one that verifies",
+                        marker, marker.read_text().strip()[:80])
+        skipped = []
+        for tag in tags:
+            problem = verify_manifest(self.root / tag)
+            if problem is None:
+                return tag
+            log.warning("skipping checkpoint %s: %s", self.root / tag, problem)
+            skipped.append(f"{tag} ({problem})")
+        if skipped:
+            return {"error": f"no checkpoint in {self.root} verifies: {'; '.join(skipped)}. Nothing was "
+                             "overwritten; restore a checkpoint or use another run.dir"}
+        return None
 
     def save(self, engine, cur_nimg: int, shared: dict[str, Any], per_rank: dict[str, Any]) -> Path:
         """Collective: every rank calls it with the same names."""
@@ -80,6 +142,7 @@ class CheckpointManager:
         vdist.barrier()  # every rank's files are on disk before the checkpoint is published
         final = self.root / tag
         if self.rank == 0:
+            write_manifest(partial / tag)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial / tag, final)
@@ -89,14 +152,10 @@ class CheckpointManager:
         vdist.barrier()
         return final
 
-    def load(self, engine, shared: dict[str, Any], per_rank: dict[str, Any]) -> str | None:
-        """Restore the newest complete checkpoint into `engine` and the named objects; returns its tag, or None
-        when the run directory has no checkpoint. A per-rank file that is missing (a resume with another world
-        size) leaves those objects as they are, with a warning: per-step reseeding keeps runs reproducible per
-        rank count."""
-        tag = self.latest_tag()
-        if tag is None:
-            return None
+    def load(self, engine, tag: str, shared: dict[str, Any], per_rank: dict[str, Any]) -> None:
+        """Restore checkpoint `tag` (from `select`) into `engine` and the named objects. A per-rank file that is
+        missing (a resume with another world size) leaves those objects as they are, with a warning: per-step
+        reseeding keeps runs reproducible per rank count."""
         path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True,
                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
@@ -113,7 +172,6 @@ class CheckpointManager:
         else:
             log.warning("no %s (resumed with a different world size?): per-step reseeding keeps runs reproducible "
                         "per rank count", rank_file.name)
-        return tag
 
     def _prune(self) -> None:
         tags = sorted(p.name for p in self.root.glob("nimg-*") if p.is_dir())

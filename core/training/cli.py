@@ -24,7 +24,12 @@ def setup_logging() -> None:
 
 
 def _launch(compose_fn: Callable[[], tuple], job: Callable, describe: Callable[[Any, dict], str]) -> int:
-    """Compose (exit 2 with one line on a config error), answer dry_run, or set up logging and run the job."""
+    """Compose (exit 2 with one line on a config error), answer dry_run, or set up logging and run the job. A run
+    directory that another job holds, or whose checkpoints all fail verification, also ends with one line and exit
+    code 2: retrying cannot help."""
+    from core.training.checkpoint import CheckpointError
+    from core.training.lock import RunDirLocked
+
     try:
         config, resolved, *rest = compose_fn()
     except ConfigError as err:
@@ -36,7 +41,12 @@ def _launch(compose_fn: Callable[[], tuple], job: Callable, describe: Callable[[
             print(describe(config, resolved))
         return 0
     setup_logging()
-    job(config, resolved, *rest)
+    try:
+        job(config, resolved, *rest)
+    except (RunDirLocked, CheckpointError) as err:
+        if env_rank() == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     return 0
 
 

@@ -24,6 +24,7 @@ from core.training.checkpoint import (CheckpointManager, RNGStreams, load_run_id
                                       save_run_ids, stage_lifecycle)
 from core.training.config import JobConfig, compose_job
 from core.training.engine import build_engine
+from core.training.lock import RunDirLock, RunDirLocked
 from core.training.loop import LoopState, run_loop
 from data_pipelines.loader_factory import build_loader
 
@@ -111,14 +112,32 @@ def train(config: JobConfig, resolved: dict[str, Any], overrides: list[str] | No
     method_cls = get_method(config.method)
     run_dir = config.run_dir()
     info = vdist.init_distributed(config.run.dist_timeout_s)
+    lock = RunDirLock(run_dir)
+    refusal = None
     if info.is_rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire()
+        except RunDirLocked as err:
+            refusal = str(err)
+    refusal = vdist.broadcast_object(refusal)  # every rank of a turned-away job exits, none waits on a barrier
+    if refusal is not None:
+        raise RunDirLocked(refusal)
+    try:
+        return _train_locked(config, resolved, overrides, parent_run_id, method_cls, run_dir, info)
+    finally:
+        lock.release()
+
+
+def _train_locked(config: JobConfig, resolved: dict[str, Any], overrides: list[str], parent_run_id: str | None,
+                  method_cls, run_dir: Path, info: vdist.DistInfo) -> Path:
+    if info.is_rank0:
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
     vdist.barrier()
 
     loop_cfg = config.loop
     checkpoints = CheckpointManager(run_dir, loop_cfg.keep_checkpoints, info.rank, info.world_size)
-    resuming = checkpoints.latest_tag() is not None
+    tag = checkpoints.select()  # the newest checkpoint that verifies; an error if checkpoints exist but none does
+    resuming = tag is not None
     ids = load_run_ids(run_dir) if resuming and info.is_rank0 else {}
     tracker = Tracker(config.tracking, run_dir, info.is_rank0)
     tracker.start(pipeline=config.experiment, stage=config.method, run_id=ids.get("stage"),
@@ -153,10 +172,11 @@ def train(config: JobConfig, resolved: dict[str, Any], overrides: list[str] | No
         state = LoopState()
         shared = {"loop": state, **method.shared_state()}
         per_rank = {"rng": RNGStreams(), **method.rank_state()}
-        tag = checkpoints.load(engine, shared, per_rank)
-        if tag is not None and info.is_rank0:
-            log.info("resuming from %s at nimg=%d", tag, state.cur_nimg)
-        if tag is None:
+        if resuming:
+            checkpoints.load(engine, tag, shared, per_rank)
+            if info.is_rank0:
+                log.info("resuming from %s at nimg=%d", tag, state.cur_nimg)
+        else:
             tracker.log_params(resolved)
 
         loader = build_loader(config.dataset, loader_cfg, rank=info.rank, world_size=info.world_size,
