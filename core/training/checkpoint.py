@@ -215,12 +215,17 @@ def read_model(reference: str, tracking_uri: str | None = None) -> tuple[dict[st
 
 @contextlib.contextmanager
 def stage_lifecycle(tracker, loaders: list) -> Iterator[None]:
-    """Around a stage's training loop, on every rank: an exception (a crash, a kill, divergence) ends the MLflow runs
-    as FAILED and re-raises; either way the tracker (its background logger) and the data loaders (their workers; the
+    """Around a stage's training loop, on every rank: an exception (a crash, divergence) ends the MLflow runs as FAILED
+    (a graceful preemption as KILLED) and re-raises; either way the tracker (its background logger) and the data loaders (their workers; the
     list may grow inside the body) are closed. The body ends the runs as FINISHED itself once the stage is complete
     (a time-sliced invocation that stops early leaves them open for the next one)."""
+    from core.training.preemption import Preempted
+
     try:
         yield
+    except Preempted:
+        tracker.end("KILLED")  # preempted after its checkpoint: the next invocation continues these runs
+        raise
     except BaseException:
         tracker.end("FAILED")
         raise

@@ -26,9 +26,10 @@ def setup_logging() -> None:
 def _launch(compose_fn: Callable[[], tuple], job: Callable, describe: Callable[[Any, dict], str]) -> int:
     """Compose (exit 2 with one line on a config error), answer dry_run, or set up logging and run the job. A run
     directory that another job holds, or whose checkpoints all fail verification, also ends with one line and exit
-    code 2: retrying cannot help."""
+    code 2: retrying cannot help. A preempted job (SIGTERM/SIGINT, checkpoint written) exits with 143: retriable."""
     from core.training.checkpoint import CheckpointError
     from core.training.lock import RunDirLocked
+    from core.training.preemption import EXIT_PREEMPTED, Preempted
 
     try:
         config, resolved, *rest = compose_fn()
@@ -47,6 +48,10 @@ def _launch(compose_fn: Callable[[], tuple], job: Callable, describe: Callable[[
         if env_rank() == 0:
             print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except Preempted as err:
+        if env_rank() == 0:
+            print(f"preempted ({err}): checkpoint written, exiting with {EXIT_PREEMPTED}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -21,10 +21,11 @@ from core import dist as vdist
 from core.methods import MethodContext, build_model, get_method
 from core.tracking import ModelNotFoundError, Tracker, resolve_tracking_uri
 from core.training.checkpoint import (CheckpointManager, RNGStreams, load_run_ids, publish_model, read_model,
-                                      save_run_ids, stage_lifecycle)
+                                      save_run_ids, stage_lifecycle, tag_for)
 from core.training.config import JobConfig, compose_job
 from core.training.engine import build_engine
 from core.training.lock import RunDirLock, RunDirLocked
+from core.training.preemption import Preempted, StopRequest
 from core.training.loop import LoopState, run_loop
 from data_pipelines.loader_factory import build_loader
 
@@ -182,8 +183,18 @@ def _train_locked(config: JobConfig, resolved: dict[str, Any], overrides: list[s
         loader = build_loader(config.dataset, loader_cfg, rank=info.rank, world_size=info.world_size,
                               seed=config.run.seed, cur_nimg=state.cur_nimg)
         loaders.append(loader)
-        state = run_loop(method, engine, iter(loader), loop_cfg, state, checkpoints, shared, per_rank, info,
-                         config.run.seed, run_dir, tracker, loader=loader, stop_after_nimg=config.run.stop_after_nimg)
+        stop = StopRequest().install()
+        try:
+            state, preempted = run_loop(method, engine, iter(loader), loop_cfg, state, checkpoints, shared, per_rank,
+                                        info, config.run.seed, run_dir, tracker, loader=loader,
+                                        stop_after_nimg=config.run.stop_after_nimg, stop=stop)
+        finally:
+            stop.restore()
+        if preempted is not None:
+            if info.is_rank0:
+                log.warning("stopped at nimg=%d (%s): checkpoint %s written; the same command resumes", state.cur_nimg,
+                            preempted, checkpoints.root / tag_for(state.last_checkpoint))
+            raise Preempted(preempted)
         finished = state.cur_nimg >= loop_cfg.total_nimg
         if finished and info.is_rank0:
             bundle, weights = method.export()

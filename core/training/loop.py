@@ -21,6 +21,7 @@ import torch
 from core import dist as vdist
 from core.training.checkpoint import CheckpointManager, save_run_ids, tag_for
 from core.training.config import LoopConfig
+from core.training.preemption import StopRequest
 
 log = logging.getLogger("vaebm.train")
 
@@ -87,13 +88,16 @@ class Reporter:
 def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, state: LoopState,
              checkpoints: CheckpointManager, shared: dict[str, Any], per_rank: dict[str, Any],
              info: vdist.DistInfo, seed: int, run_dir: Path, tracker, loader=None,
-             stop_after_nimg: int | None = None) -> LoopState:
+             stop_after_nimg: int | None = None, stop: StopRequest | None = None) -> tuple[LoopState, str | None]:
     """Train `method` until `loop.total_nimg` (or `stop_after_nimg` more images); returns the final state.
 
     `shared` / `per_rank` name the stateful objects the checkpoint stores beside the engine (the loop state among
     them). Reports go to the log and `tracker` on rank 0, with the data loader's bad-sample counters summed over
     ranks. The method's health check sees the reduced metrics (identical on every rank, so every rank decides alike);
     `method.divergence_patience` failing reports in a row stop training naming the last healthy checkpoint.
+    A `stop` request (SIGTERM, SIGINT, runner gone) on any rank is agreed on by all ranks with the step's
+    finiteness vote; the loop then reports, checkpoints at the current image count and returns. Returns the final
+    state and the reason it stopped early (None when it reached its target).
     """
     global_batch = loop.batch_size * info.world_size
     start_nimg = state.cur_nimg
@@ -105,9 +109,10 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, s
 
         bar = tqdm(total=loop.total_nimg, initial=state.cur_nimg, unit="img", unit_scale=True, dynamic_ncols=True)
     module = engine.module
+    preempted: str | None = None
     try:
         while True:
-            done = state.cur_nimg >= loop.total_nimg or (
+            done = preempted is not None or state.cur_nimg >= loop.total_nimg or (
                 stop_after_nimg is not None and state.cur_nimg - start_nimg >= stop_after_nimg)
 
             # 1. report
@@ -137,8 +142,8 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, s
                                           f"Last healthy checkpoint: {where}")
 
             # 2. samples
-            if state.cur_nimg > start_nimg and (done or _crossed(state.cur_nimg, state.last_sample,
-                                                                 loop.sample_every_nimg)):
+            if state.cur_nimg > start_nimg and ((done and preempted is None) or _crossed(
+                    state.cur_nimg, state.last_sample, loop.sample_every_nimg)):  # preempted: no time for grids
                 if info.is_rank0:
                     for path in method.visuals(run_dir / "samples", state.cur_nimg):
                         tracker.log_artifact(path, "samples")
@@ -156,14 +161,20 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, s
 
             # 4. stop check
             if done:
-                return state
+                return state, preempted
 
             # 5. step
             batch = next(data)  # before reseeding: whatever RNG the loader consumes must not shift the step's noise
             vdist.seed_everything(seed, info.rank, state.step)
             buffers = [b.detach().clone() for b in module.buffers()]
             loss, metrics = method.loss(engine, batch, state.cur_nimg)
-            finite = vdist.all_ranks_true(bool(torch.isfinite(loss.detach()).all()), info.device)
+            # One collective per step carries both votes: a non-finite loss on any rank, a stop request on any rank.
+            votes = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0,
+                                  1.0 if stop is not None and stop.requested() else 0.0], device=info.device)
+            nonfinite_ranks, stopping_ranks = vdist.all_reduce_sum(votes).tolist()
+            finite = nonfinite_ranks == 0
+            if stopping_ranks > 0:
+                preempted = stop.reason or "another rank was asked to stop"
             if finite:
                 engine.backward(loss)
                 engine.step()

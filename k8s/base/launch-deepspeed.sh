@@ -16,8 +16,26 @@ set -euo pipefail
 nnodes="${VAEBM_NNODES:-1}"
 gpus="${VAEBM_GPUS_PER_NODE:-8}"
 
+# Preemption: Kubernetes sends SIGTERM to this script (PID 1), then SIGKILL after the grace period. DeepSpeed's runner
+# does not pass SIGTERM on to the ranks of its node, and the death of PID 1 would SIGKILL them at once. So the runner
+# runs in its own session and SIGTERM/SIGINT go to that whole session: every rank checkpoints at its next step
+# boundary and exits 143 (core/training/preemption.py), which the Job retries; the script keeps waiting meanwhile.
+run_session() {
+  setsid "$@" &
+  local child=$! rc
+  trap 'kill -TERM -- "-$child" 2>/dev/null || true' TERM INT
+  while true; do
+    rc=0
+    wait "$child" || rc=$?
+    if ! kill -0 "$child" 2>/dev/null; then
+      return "$rc"
+    fi
+  done
+}
+
 if [[ "$nnodes" -le 1 ]]; then
-  exec deepspeed --num_gpus="$gpus" "$@"
+  run_session deepspeed --num_gpus="$gpus" "$@"
+  exit
 fi
 
 node_rank="${JOB_COMPLETION_INDEX:-${RANK:-}}"
@@ -35,6 +53,6 @@ hostfile="${TMPDIR:-/tmp}/deepspeed-hostfile"
 for ((i = 0; i < nnodes; i++)); do echo "node-$i slots=$gpus"; done > "$hostfile"
 
 echo "launch-deepspeed: node $node_rank of $nnodes, $gpus GPUs, master $MASTER_ADDR:$MASTER_PORT" >&2
-exec deepspeed --hostfile="$hostfile" --no_ssh --node_rank="$node_rank" \
+run_session deepspeed --hostfile="$hostfile" --no_ssh --node_rank="$node_rank" \
   --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
   --num_nodes="$nnodes" --num_gpus="$gpus" "$@"

@@ -1,0 +1,89 @@
+"""Graceful preemption with real processes: SIGTERM reaches every rank, the job checkpoints where it is, exits with a
+retriable code, and the same command resumes bit-identically to a run that was never interrupted.
+
+Two ways the signal reaches the ranks: through our Kubernetes launch script (k8s/base/launch-deepspeed.sh, which
+sends it to the runner's whole session), and with only DeepSpeed's runner killed (`kill <runner pid>`), where each
+rank notices that its runner is gone.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from test_train_nvae import ROOT, _deepspeed, _env, _final_weights, _finish, _free_port
+
+# 2 CPU ranks x 4 images: long enough to be interrupted mid-run, a periodic checkpoint every 160 images.
+ARGS = ["experiment=quickstart", "nvae.image_size=16", "nvae.num_channels_enc=8", "nvae.num_channels_dec=8",
+        "dataset.size=16", "loop.batch_size=4", "loop.total_nimg=640", "loop.checkpoint_every_nimg=160",
+        "loop.report_every_nimg=80", "loop.sample_every_nimg=640", "loop.sample_count=4", "loop.progress_bar=false",
+        "loader.num_workers=0", "run.dist_timeout_s=60", "tracking.enabled=false"]
+GRACE_S = 30  # Kubernetes' default terminationGracePeriodSeconds
+
+
+def _ranks(root: psutil.Process) -> list[psutil.Process]:
+    return [p for p in root.children(recursive=True) if any(a.startswith("--local_rank=") for a in p.cmdline())]
+
+
+def _wait_for_training(run: Path, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "latest").exists():  # past setup, the first periodic checkpoint is written
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+
+
+def _preempt_and_resume(tmp_path: Path, run: Path, proc: subprocess.Popen, target: int, reference) -> None:
+    _wait_for_training(run, proc)
+    ranks = _ranks(psutil.Process(proc.pid))
+    assert len(ranks) == 2
+    t0 = time.perf_counter()
+    os.kill(target, signal.SIGTERM)
+    _, alive = psutil.wait_procs(ranks, timeout=GRACE_S)
+    assert not alive, "a rank outlived the grace period"
+    assert time.perf_counter() - t0 < GRACE_S
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and not (run / "model").exists()
+    stopped = re.search(r"stopped at nimg=(\d+) \((SIGTERM|the deepspeed runner exited)\)", out)
+    assert stopped, out[-4000:]
+    nimg = int(stopped.group(1))
+    assert nimg % 160 != 0 or nimg > 160  # not just the periodic checkpoint: where the job was
+    assert (run / "checkpoints").joinpath(f"nimg-{nimg:012d}").is_dir()
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"nimg-{nimg:012d}"
+
+    resumed = _finish(_deepspeed([*ARGS, f"run.dir={run}"], tmp_path, None))
+    assert f"resuming from nimg-{nimg:012d}" in resumed
+    weights = _final_weights(run)
+    assert all(torch.equal(reference[k], weights[k]) for k in reference), "resume after preemption is not exact"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    _finish(_deepspeed([*ARGS, f"run.dir={tmp / 'run'}"], tmp, None))
+    return _final_weights(tmp / "run")
+
+
+@pytest.mark.integration
+def test_sigterm_to_the_launch_script_checkpoints_every_rank_and_resumes_exactly(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    env = dict(_env(tmp_path, None), VAEBM_NNODES="1", VAEBM_GPUS_PER_NODE="2",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.Popen(["bash", str(ROOT / "k8s/base/launch-deepspeed.sh"), "--master_port", str(_free_port()),
+                             str(ROOT / "launchers/train_nvae.py"), *ARGS, f"run.dir={run}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    _preempt_and_resume(tmp_path, run, proc, proc.pid, uninterrupted)
+    assert proc.returncode == 143  # retriable for the Job (exit 2 alone fails it at once)
+
+
+@pytest.mark.integration
+def test_killing_only_the_deepspeed_runner_leaves_no_rank_training(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    proc = _deepspeed([*ARGS, f"run.dir={run}"], tmp_path, None)  # python -m deepspeed.launcher.runner ...
+    _preempt_and_resume(tmp_path, run, proc, proc.pid, uninterrupted)
