@@ -164,3 +164,25 @@ def test_rng_streams_round_trip_through_a_pickle_free_file(tmp_path):
     draws()  # move every stream on
     vdist.set_rng_state(torch.load(tmp_path / "rank0.pt", weights_only=True)["rng"])
     assert draws() == expected
+
+
+@pytest.mark.integration
+def test_input_errors_after_start_are_one_line_exit_2_and_failed_runs(tmp_path):
+    """A missing dataset or a backbone that does not exist is found after start: one line, exit code 2 (Kubernetes
+    fails the Job at once), the MLflow runs end FAILED, and a misnamed backbone is never replaced by training one."""
+    from mlflow import MlflowClient
+
+    cases = [("train_nvae.py", [f"dataset.path={tmp_path / 'nowhere'}"], "missing manifest"),
+             ("train_vaebm.py", ["backbone=models:/nope@latest"], "backbone_train_if_missing trains only "
+                                                                     "models:/nvae-digits@<alias>")]
+    for script, args, message in cases:
+        run = tmp_path / script.replace(".py", "")
+        proc = subprocess.run([sys.executable, str(ROOT / "launchers" / script), *args, f"run.dir={run}"],
+                              cwd=tmp_path, env=_env(tmp_path, None), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+        assert not (run / "backbone").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and {r.info.status for r in runs} == {"FAILED"}

@@ -109,6 +109,14 @@ def test_two_rank_training_resume_registry_and_tracking_outage(tmp_path, mlflow_
     model = NVAE(NVAEConfig(**bundle["nvae"]))
     model.load_state_dict(registered, strict=True)
     assert (run_a / "samples").is_dir() and any((run_a / "samples").glob("*.png"))
+    # the finished run's version carries the `candidate` alias; rerunning the finished command registers nothing
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
+    assert client.get_model_version_by_alias("nvae-digits", "candidate").version == "1"
+    out = _finish(_deepspeed([*SMALL, f"run.dir={run_a}"], tmp_path, mlflow_server.uri))
+    assert "training is complete" in out
+    assert [v.version for v in client.search_model_versions("name='nvae-digits'")] == ["1"]
 
     # 2. same command, killed with SIGKILL once the first checkpoint exists, then re-run: bit-identical weights
     run_b = tmp_path / "b"

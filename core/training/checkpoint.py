@@ -192,13 +192,17 @@ def load_run_ids(run_dir: Path) -> dict[str, str | None]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+CANDIDATE_ALIAS = "candidate"  # every finished run's version; `champion` is the alias a user moves on purpose
+
+
 def publish_model(tracker, run_dir: Path, name: str, bundle: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
-    """Rank 0 at the end of a stage: the model in `<run_dir>/model` (so `<run dir>` works as a reference without
-    MLflow), registered in MLflow as `name` (alias `latest` = newest version), and the resolved config logged."""
+    """Rank 0 when a stage has reached its configured length: the model in `<run_dir>/model` (so `<run dir>` works
+    as a reference without MLflow), registered in MLflow as a new version of `name` with the alias `candidate`
+    (`latest` is MLflow's newest version), and the resolved config logged."""
     from core.tracking import write_model_dir
 
     write_model_dir(run_dir / "model", bundle, weights)
-    tracker.log_model(name, bundle, weights)
+    tracker.log_model(name, bundle, weights, alias=CANDIDATE_ALIAS)
     tracker.log_artifact(run_dir / "config.json")
 
 

@@ -25,11 +25,18 @@ def setup_logging() -> None:
 
 def _launch(compose_fn: Callable[[], tuple], job: Callable, describe: Callable[[Any, dict], str]) -> int:
     """Compose (exit 2 with one line on a config error), answer dry_run, or set up logging and run the job. A run
-    directory that another job holds, or whose checkpoints all fail verification, also ends with one line and exit
-    code 2: retrying cannot help. A preempted job (SIGTERM/SIGINT, checkpoint written) exits with 143: retriable."""
+    directory that another job holds, checkpoints that all fail verification, missing or corrupt data and a model
+    reference that does not exist also end with one line and exit code 2: retrying cannot help. A preempted job
+    (SIGTERM/SIGINT, checkpoint written) exits with 143: retriable."""
     from core.training.checkpoint import CheckpointError
     from core.training.lock import RunDirLocked
     from core.training.preemption import EXIT_PREEMPTED, Preempted
+    from core.tracking import ModelNotFoundError
+    from data_pipelines.errors import DataConfigError, DataCorruptionError, ManifestError
+
+    # Found after start, still not worth a retry: the run's MLflow runs end FAILED, one line, exit 2.
+    input_errors = (RunDirLocked, CheckpointError, DataConfigError, DataCorruptionError, ManifestError,
+                    ModelNotFoundError, _backbone_not_found())
 
     try:
         config, resolved, *rest = compose_fn()
@@ -44,7 +51,7 @@ def _launch(compose_fn: Callable[[], tuple], job: Callable, describe: Callable[[
     setup_logging()
     try:
         job(config, resolved, *rest)
-    except (RunDirLocked, CheckpointError) as err:
+    except input_errors as err:
         if env_rank() == 0:
             print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -53,6 +60,12 @@ def _launch(compose_fn: Callable[[], tuple], job: Callable, describe: Callable[[
             print(f"preempted ({err}): checkpoint written, exiting with {EXIT_PREEMPTED}", file=sys.stderr)
         return EXIT_PREEMPTED
     return 0
+
+
+def _backbone_not_found() -> type:
+    from core.training.job import BackboneNotFound
+
+    return BackboneNotFound
 
 
 def run_job(schema: type, config_name: str, argv: list[str], job: Callable[[Any, dict], Any],

@@ -86,9 +86,15 @@ def _ensure_backbone(config, info: vdist.DistInfo, tracker: Tracker, run_dir: Pa
     dtype = DTYPES[config.backbone_dtype]
     try:
         return load_backbone(config.backbone, uri, info.device, dtype)
-    except BackboneNotFound:
+    except BackboneNotFound as err:
         if not config.backbone_train_if_missing:
             raise
+        # Only the model the nested stage would register may be trained in its place: a typo'd name or a missing
+        # directory is an error, never a reason to train (and register) something else.
+        own = f"models:/{get_method(config.backbone_method).model_prefix}-{config.dataset.name}"
+        if not (config.backbone == own or config.backbone.startswith((own + "@", own + "/"))):
+            raise BackboneNotFound(f"{err}; backbone_train_if_missing trains only {own}@<alias>, the backbone this "
+                                   "run would register") from None
     if info.is_rank0:
         log.info("backbone %s is not registered: training it first (method=%s experiment=%s)", config.backbone,
                  config.backbone_method, config.backbone_experiment)
@@ -180,6 +186,12 @@ def _train_locked(config: JobConfig, resolved: dict[str, Any], overrides: list[s
         else:
             tracker.log_params(resolved)
 
+        if state.cur_nimg >= loop_cfg.total_nimg and (run_dir / "model").is_dir():  # a rerun of a finished run
+            if info.is_rank0:
+                log.info("training is complete (nimg=%d of %d): nothing to do; the model is in %s", state.cur_nimg,
+                         loop_cfg.total_nimg, run_dir / "model")
+            tracker.end("FINISHED")
+            return run_dir
         loader = build_loader(config.dataset, loader_cfg, rank=info.rank, world_size=info.world_size,
                               seed=config.run.seed, cur_nimg=state.cur_nimg)
         loaders.append(loader)
