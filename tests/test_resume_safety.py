@@ -106,3 +106,41 @@ def test_one_job_per_run_directory_and_the_lock_dies_with_its_holder(tmp_path):
     assert holder["pid"] == first.pid  # the file still names the dead holder, but the kernel released the lock
     third = _train(tmp_path, run, "loop.total_nimg=16")
     assert "resuming from" in third.stderr
+
+
+class _Payload:
+    """What an attacker with write access to a shared run directory would plant: unpickling it runs code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_a_pickle_payload_in_any_file_a_resume_reads_is_refused(tmp_path, zero_stage):
+    """Each file of the checkpoint in turn gets a payload (and a manifest rewritten to match, as an attacker would):
+    the resume refuses it with one line naming the file, exit code 2, and the payload never runs."""
+    run = tmp_path / "run"
+    _train(tmp_path, run, "loop.total_nimg=16", f"engine.zero_stage={zero_stage}")
+    ckpt = run / "checkpoints" / "nimg-000000000016"
+    files = sorted(p for p in ckpt.glob("*.pt"))
+    assert {p.name for p in files} >= {"mp_rank_00_model_states.pt", "rank0.pt"}
+    assert len(files) == (3 if zero_stage else 2)  # ZeRO adds the optimizer partition file
+    marker = tmp_path / "payload-ran"
+    for victim in files:
+        original = victim.read_bytes()
+        state = torch.load(victim, weights_only=False)  # the test's own fresh file, read to plant into it
+        state["planted"] = _Payload(str(marker))
+        torch.save(state, victim)
+        write_manifest(ckpt)
+        proc = _train(tmp_path, run, "loop.total_nimg=32", f"engine.zero_stage={zero_stage}", check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"refusing to load {victim}" in errors[0], proc.stderr[-3000:]
+        assert not marker.exists(), f"unpickling {victim.name} ran the planted code"
+        victim.write_bytes(original)
+        write_manifest(ckpt)
+    assert "resuming from" in _train(tmp_path, run, "loop.total_nimg=32", f"engine.zero_stage={zero_stage}").stderr

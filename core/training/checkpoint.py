@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -165,7 +166,11 @@ class CheckpointManager:
                 obj.load_state_dict(client_state[name])
         rank_file = self.root / tag / f"rank{self.rank}.pt"
         if rank_file.is_file():
-            rank_state = torch.load(rank_file, weights_only=True)  # tensors, numbers, strings, lists: no pickled code
+            try:
+                rank_state = torch.load(rank_file, weights_only=True)  # tensors, numbers, strings, lists only
+            except pickle.UnpicklingError as err:
+                raise CheckpointError(f"refusing to load {rank_file}: it holds objects other than tensors and plain "
+                                      f"data ({str(err).splitlines()[-1].strip()[:200]})") from None
             for name, obj in per_rank.items():
                 if name in rank_state:
                     obj.load_state_dict(rank_state[name])

@@ -6,6 +6,7 @@ silently change training (gradient clipping's default became 1.0 in 0.19.3).
 from __future__ import annotations
 
 import math
+import pickle
 from typing import Any
 
 import torch
@@ -42,6 +43,31 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, lr: float, lr_
     return (lr_min + (lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * t))) / lr
 
 
+def _weights_only_checkpoint_engine(config):
+    """DeepSpeed's torch checkpoint engine, loading with `torch.load(weights_only=True)`: a checkpoint file that holds
+    pickled code is refused (CheckpointError naming the file) instead of run. DeepSpeed's files hold tensors, plain
+    containers and three small data classes of its own, which are allowed by name."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from core.training.checkpoint import CheckpointError
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain data "
+                                      f"({str(err).splitlines()[-1].strip()[:200]})") from None
+
+    return WeightsOnlyCheckpointEngine(config)
+
+
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim: OptimConfig,
                  engine: EngineConfig, batch_size: int, world_size: int, total_steps: int):
     """(engine, optimizer, scheduler) around `model` with the method's torch optimizer (a plain torch optimizer
@@ -55,4 +81,5 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim
     eng, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(engine, batch_size, world_size))
+    eng.checkpoint_engine = _weights_only_checkpoint_engine(eng._config)  # nothing a resume reads is unpickled
     return eng, optimizer, scheduler
