@@ -219,6 +219,18 @@ def test_pods_follow_the_security_and_resource_rules(rendered):
 # --------------------------------------------------------------------------------------------------- linters
 
 
+def test_training_pods_have_time_to_checkpoint_on_sigterm(rendered):
+    """A preempted training pod gets SIGTERM, checkpoints at its next step and exits 143 (retried); exit 2 (an input
+    error) fails the Job at once. The grace period must cover the measured checkpoint time (docs/benchmarks.md)."""
+    training = [(o, w, t) for o, w, t in all_pods(rendered) if "train-" in w]
+    assert training
+    for overlay, where, tpl in training:
+        grace = tpl["spec"].get("terminationGracePeriodSeconds", 30)
+        assert grace >= (120 if "nvae" in where else 60), f"{overlay}: {where} has {grace} s"
+        command = " ".join(tpl["spec"]["containers"][0].get("command", []))
+        assert "launch-deepspeed.sh" in command, f"{overlay}: {where} does not forward SIGTERM to the ranks"
+
+
 def _checkov() -> str | None:
     return os.environ.get("CHECKOV") or shutil.which("checkov")
 
