@@ -154,7 +154,7 @@ def test_pytorchjobs_validate_against_vendored_crd_schema(rendered):
             assert c["name"] == "pytorch", "the Training Operator injects its env into the container named pytorch"
             assert any(p.get("name") == "pytorchjob-port" for p in c.get("ports", [])), "MASTER_PORT comes from it"
             assert container_env(rendered["overlays/4node-8gpu"], c)["VAEBM_NNODES"] == str(nodes)
-            assert rspec["restartPolicy"] == "OnFailure"
+            assert rspec["restartPolicy"] == "ExitCode"  # 128+ (preemption, kill, crash) restarts; 2 fails
         assert "nprocPerNode" not in job["spec"], "RANK/WORLD_SIZE must count nodes, not processes"
 
 

@@ -84,6 +84,11 @@ def test_sigterm_to_the_launch_script_checkpoints_every_rank_and_resumes_exactly
 
 @pytest.mark.integration
 def test_killing_only_the_deepspeed_runner_leaves_no_rank_training(tmp_path, uninterrupted):
+    """Also with the tracking server unreachable: the queued telemetry is spooled to disk on the way out."""
     run = tmp_path / "run"
-    proc = _deepspeed([*ARGS, f"run.dir={run}"], tmp_path, None)  # python -m deepspeed.launcher.runner ...
+    dead_server = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    proc = _deepspeed([*ARGS, f"run.dir={run}", "tracking.enabled=true", "tracking.flush_timeout_s=2"], tmp_path,
+                      dead_server)  # python -m deepspeed.launcher.runner ...
     _preempt_and_resume(tmp_path, run, proc, proc.pid, uninterrupted)
+    spool = run / "tracking" / "pending.jsonl"
+    assert spool.is_file() and spool.read_text().strip(), "telemetry of the preempted run was lost"
