@@ -25,8 +25,8 @@ from core.training.checkpoint import (CheckpointManager, RNGStreams, load_run_id
 from core.training.config import JobConfig, compose_job
 from core.training.engine import build_engine
 from core.training.lock import RunDirLock, RunDirLocked
-from core.training.preemption import Preempted, StopRequest
 from core.training.loop import LoopState, run_loop
+from core.training.preemption import Preempted, StopRequest
 from data_pipelines.loader_factory import build_loader
 
 log = logging.getLogger("vaebm.train")
