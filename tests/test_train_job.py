@@ -186,3 +186,19 @@ def test_input_errors_after_start_are_one_line_exit_2_and_failed_runs(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert runs and {r.info.status for r in runs} == {"FAILED"}
+
+
+@pytest.mark.integration
+def test_an_unreachable_registry_is_an_error_never_a_reason_to_train(tmp_path):
+    """The quickstart may train its missing backbone, but only when the server answers that it does not exist: with
+    the tracking server down the job fails (a retriable exit, not 2) and trains nothing."""
+    from test_train_nvae import _free_port
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "train_vaebm.py"), f"run.dir={run}",
+                           "tracking.flush_timeout_s=1"], cwd=tmp_path,
+                          env=_env(tmp_path, f"http://127.0.0.1:{_free_port()}"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode not in (0, 2), proc.stderr[-3000:]
+    assert "TrackingUnavailableError" in proc.stderr and "training it first" not in proc.stderr
+    assert not (run / "backbone").exists() and not (run / "model").exists()
