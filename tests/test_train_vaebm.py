@@ -79,6 +79,9 @@ def test_main_job_without_arguments_registers_both_models(tmp_path, mlflow_serve
     vaebm_bundle, weights = load_registered_model("models:/vaebm-digits@latest", tracking_uri=mlflow_server.uri)
     assert nvae_bundle["kind"] == "nvae" and vaebm_bundle["kind"] == "vaebm"
     assert vaebm_bundle["backbone"]["nvae"] == nvae_bundle["nvae"]
+    # the end-of-run report: backbone and VAEBM samples from the same noise, scored by the digits classifier
+    report = (run_dir / "report.md").read_text()
+    assert "| backbone |" in report and "| vaebm |" in report and "its baseline (backbone)" in out
 
     # the sampling job, from the registry
     out_dir = tmp_path / "samples"

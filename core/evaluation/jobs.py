@@ -30,14 +30,14 @@ from data_pipelines.config import DatasetConfig
 
 log = logging.getLogger("vaebm.evaluate")
 
-METRICS = ("fid", "ll2d", "iwae", "ood")
+METRICS = ("fid", "ll2d", "iwae", "ood", "digits")
 OOD_SETS = ("photos256", "faces25", "noise", "inverted", "interpolation")
 FID_PRESETS = {"paper": 50_000, "paper_celebahq256": 30_000}  # vaebm.md Sec. 5.1 / App. E sample counts
 
 
 @dataclass
 class EvaluateConfig:
-    metric: str = "fid"  # fid | ll2d | iwae | ood
+    metric: str = "fid"  # fid | ll2d | iwae | ood | digits (method vs its baseline, digits classifier score)
     model: str | None = None  # MLflow model URI (models:/..., runs:/...), run directory or model directory
     # conf/dataset/<name>.yaml, a shard directory, or (ll2d) gaussians25 | <points.npy>. On the command line it is
     # `dataset=<...>`: launchers/evaluate.py renames it (Hydra reserves `dataset=` for the conf/dataset group).
@@ -62,6 +62,8 @@ class EvaluateConfig:
     ood_iwae_samples: int = 20  # metric=ood: K of the log p(x) estimate inside both scores
     ood_sets: list[str] = field(default_factory=lambda: list(OOD_SETS))  # subset of photos256 faces25 noise
     #                                                                      inverted interpolation
+    # digits (eval_samples images per row, same starting noise for both rows; steps as above)
+    digits_scorer_cache_dir: str | None = "~/.cache/vaebm/digits_scorer"  # the digits classifier's weights
     # ll2d
     ll2d: Toy2DProtocol = field(default_factory=Toy2DProtocol)  # the 2-D protocol (core/evaluation/toy2d.py)
     ll2d_cache_dir: str | None = None  # trained 2-D models are reused from here; None: <out>/ll2d-cache
@@ -72,7 +74,7 @@ class EvaluateConfig:
     def validate(self) -> None:
         req = _require
         req(self.metric in METRICS, f"metric must be one of {'|'.join(METRICS)}, got {self.metric!r}")
-        if self.metric in ("fid", "iwae", "ood"):
+        if self.metric in ("fid", "iwae", "ood", "digits"):
             req(bool(self.model), f"metric={self.metric} needs model=<MLflow model URI or run/model directory>")
         req(self.batch_size > 0 and self.eval_samples > 0 and self.fid_samples > 1,
             "batch_size and eval_samples must be > 0, fid_samples > 1")
@@ -287,6 +289,18 @@ def run_fid(config: EvaluateConfig, info, model, uri: str) -> tuple[list[dict], 
                   "fid/seconds": time.perf_counter() - t}
 
 
+def run_digits(config: EvaluateConfig, info, model) -> tuple[list[dict], dict[str, float]]:
+    """The model's samples against its baseline's from the same noise, scored by the digits classifier (rank 0)."""
+    from core.evaluation import baseline as cmp
+
+    if model.baseline is None:
+        raise ConfigError(f"metric=digits compares a method with its baseline; model kind {model.kind!r} has none")
+    rows = cmp.compare_with_baseline(model, cmp.digits_scorer(config.digits_scorer_cache_dir), config.eval_samples,
+                                     config.batch_size, config.seed, config.steps, info.device)
+    log.info(cmp.verdict(rows))
+    return rows, cmp.metrics_of(rows, "digits")
+
+
 class _LazyBatches:
     """Iterable that reads the reference images only if reference_stats actually iterates it (cache miss)."""
 
@@ -411,6 +425,8 @@ def evaluate(config: EvaluateConfig, resolved: dict[str, Any]) -> dict[str, Any]
             rows, metrics = run_fid(config, info, model, uri)
         elif config.metric == "iwae":
             rows, metrics = run_iwae(config, info, model)
+        elif config.metric == "digits":
+            rows, metrics = run_digits(config, info, model) if info.is_rank0 else ([], {})
         else:
             rows, metrics = run_ood(config, info, model)
     seconds = time.perf_counter() - t0

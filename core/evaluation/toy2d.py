@@ -43,6 +43,7 @@ import torch
 from core.evaluation.density2d import (Grid2D, vaebm_log_density, grid_points, gaussians25_expected_log_likelihood,
                                        gaussians25_log_density, log_partition_on, mc_log_partition, sample_gaussians25)
 from core.evaluation.iwae import iwae_log_likelihood
+from core.evaluation.ll2d_seam import LL2DContext, LL2DRow
 from core.methods.vaebm import langevin_negatives, sir_chain_start
 from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init
 from core.models.mlp_vae import MLPVAE, MLPVAEConfig
@@ -55,6 +56,10 @@ from core.sampling.resampled_init import SCHEMES as RESAMPLING_SCHEMES
 log = logging.getLogger("vaebm.evaluation.toy2d")
 
 TRUE_GAUSSIANS25_LL = gaussians25_expected_log_likelihood()  # -1.4516 nats (sigma = 0.1)
+
+# Further rows: name -> ll2d_row(ctx, config) of core/evaluation/ll2d_<name>.py; Toy2DProtocol has a field of that
+# name holding the row's typed settings.
+LL2D_ROWS: dict[str, Callable[[LL2DContext, Any], LL2DRow]] = {}
 
 
 @dataclass
@@ -96,12 +101,15 @@ class Toy2DProtocol:
     grid_n: int = 300  # grid cells per axis for log Z (12/300 = 0.04 = 0.4 of the data std)
     grid_half_width: float = 6.0  # grid covers [-w, w]^2
     mc_samples: int = 200_000  # VAE samples of the Monte Carlo cross-check of log Z
+    # further rows (core/evaluation/ll2d_<name>.py), scored on the same splits and, for methods that refine the VAE,
+    # on the same frozen VAE; each has its settings in the field of its name
+    rows: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         may_be_zero = ("alpha_s", "seed", "energy_reg", "energy_first_scale", "persistent", "ebm_beta1")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name in ("energy_reg_final", "init_resampling"):
+            if f.name in ("energy_reg_final", "init_resampling") or not isinstance(v, (int, float)):
                 continue
             if v < 0 or (v == 0 and f.name not in may_be_zero):
                 raise ValueError(f"ll2d protocol: {f.name} must be {'>= 0' if f.name in may_be_zero else '> 0'}, "
@@ -115,12 +123,15 @@ class Toy2DProtocol:
                              f"got {self.init_resampling!r}")
         if self.iwae_points > self.test_points:
             raise ValueError("ll2d protocol: iwae_points must be <= test_points")
+        unknown = [r for r in self.rows if r not in LL2D_ROWS]
+        if unknown:
+            raise ValueError(f"ll2d protocol: unknown rows {unknown}; choose from {sorted(LL2D_ROWS)}")
 
     def training_key(self, data_digest: str) -> str:
         """Cache key of the trained models: data + every training field (evaluation fields excluded)."""
         train_fields = {k: v for k, v in dataclasses.asdict(self).items()
                         if k not in ("marginal_samples", "iwae_samples", "iwae_points", "grid_n", "grid_half_width",
-                                     "mc_samples", "test_points")}
+                                     "mc_samples", "test_points", "rows", *LL2D_ROWS)}
         blob = json.dumps({"data": data_digest, **train_fields}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -375,8 +386,10 @@ def decoder_components(vae: MLPVAE, num_samples: int, generator: torch.Generator
 
 @torch.no_grad()
 def mixture_log_density(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, tile: float = 0.5,
-                        cutoff: float = 9.0, chunk_elems: int = 1 << 22) -> torch.Tensor:
-    """log (1/M) sum_m N(x; mu_m, diag sigma_m^2), float64 result, for (N, 2) points.
+                        cutoff: float = 9.0, chunk_elems: int = 1 << 22,
+                        log_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """log (1/M) sum_m w_m N(x; mu_m, diag sigma_m^2), float64 result, for (N, 2) points; w_m = exp(log_weights[m])
+    (all 1 when None; components with w_m = 0 may be given log_weights = -inf).
 
     Spatial pruning: points are grouped into square tiles of side `tile`; a tile only sees the components whose mean
     lies within `cutoff` of their own sigma of the tile (per axis). A dropped component contributes less than
@@ -386,6 +399,10 @@ def mixture_log_density(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, 
     x = x.float()
     m = mu.shape[0]
     log_norm = -(torch.log(sigma).sum(dim=1)) - math.log(2 * math.pi)  # (M,)
+    if log_weights is not None:
+        if log_weights.shape != (m,):
+            raise ValueError(f"log_weights must have shape ({m},), got {tuple(log_weights.shape)}")
+        log_norm = log_norm + log_weights.to(log_norm.dtype)
     inv = 1.0 / sigma
     tiles = torch.floor(x / tile).to(torch.int64)
     keys = tiles[:, 0] * 100_003 + tiles[:, 1]
@@ -444,6 +461,8 @@ class LL2DResult:
     num_test: int
     timings_s: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    gaps: dict[str, float] = field(default_factory=dict)  # gap_closed of each further row (protocol.rows)
+    row_details: dict[str, LL2DRow] = field(default_factory=dict)  # their log Z estimates and diagnostics
 
     def metrics(self) -> dict[str, float]:
         out = {f"ll2d/{k}": v for k, v in self.rows.items()}
@@ -453,6 +472,13 @@ class LL2DResult:
         out.update({f"ll2d/{k}": float(v) for k, v in self.extra.items() if isinstance(v, (int, float))})
         if self.gap_closed is not None:
             out["ll2d/gap_closed"] = self.gap_closed
+        for name, row in self.row_details.items():
+            out[f"ll2d/{name}/log_z"] = row.log_z
+            out[f"ll2d/{name}/log_z_stderr"] = row.log_z_stderr
+            if row.log_z_check is not None:
+                out[f"ll2d/{name}/log_z_check"] = row.log_z_check
+            out.update({f"ll2d/{name}/{k}": float(v) for k, v in row.extra.items()})
+        out.update({f"ll2d/gap_closed/{k}": v for k, v in self.gaps.items()})
         return out
 
 
@@ -547,6 +573,79 @@ def _load(path: Path, protocol: Toy2DProtocol) -> tuple[MLPVAE, EnergyNet, dict[
     return vae.eval().requires_grad_(False), energy.eval().requires_grad_(False), blob.get("selection", {})
 
 
+def split_dataset(protocol: Toy2DProtocol, dataset: str = "gaussians25",
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """(train, val, test, analytic log density or None) of `dataset` (see `run_ll2d`)."""
+    if dataset in ("gaussians25", "25gaussians", "toy2d"):
+        train, val, test = gaussians25_split(protocol)
+        return train, val, test, gaussians25_log_density
+    pts = load_points(dataset)
+    perm = torch.randperm(len(pts), generator=torch.Generator().manual_seed(protocol.seed))
+    pts = pts[perm]
+    n_test = min(protocol.test_points, len(pts) // 3)
+    n_val = min(protocol.val_points, (len(pts) - n_test) // 5)
+    test, val = pts[:n_test], pts[n_test:n_test + n_val]
+    train = pts[n_test + n_val:][: protocol.train_points]
+    return train, val, test, None
+
+
+_VAE_FIELDS = ("seed", "train_points", "vae_steps", "vae_batch", "vae_lr", "vae_kl_warmup")
+
+
+def vae_key(protocol: Toy2DProtocol, data_digest: str) -> str:
+    """Cache key of the protocol's VAE alone: data + the VAE's training fields."""
+    blob = json.dumps({"data": data_digest, **{k: getattr(protocol, k) for k in _VAE_FIELDS}}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def make_context(vae: MLPVAE, train: torch.Tensor, val: torch.Tensor, test: torch.Tensor, protocol: Toy2DProtocol,
+                 cache_dir: str | Path | None = None) -> LL2DContext:
+    """The `LL2DContext` rows are scored in: M = marginal_samples shared decoder components of `vae` (their own
+    stream, seed + 606), the marginal-mixture log p_vae of the test points and the protocol's grid."""
+    gen = torch.Generator().manual_seed(protocol.seed + 606)
+    eps, zs, mus, sigmas = [], [], [], []
+    with torch.no_grad():
+        for i in range(0, protocol.marginal_samples, 65536):
+            k = min(65536, protocol.marginal_samples - i)
+            _, eps_z = vae.sample_noise(k, generator=gen)
+            tower = vae.T_z(eps_z)
+            eps.append(eps_z)
+            zs.append(tower.z)
+            mus.append(tower.x_dist.mu.float())
+            sigmas.append(tower.x_dist.sigma.float())
+    eps_z = [torch.cat([e[g] for e in eps]) for g in range(len(eps[0]))]
+    z = [torch.cat([t[g] for t in zs]).float() for g in range(len(zs[0]))]
+    mu, sigma = torch.cat(mus), torch.cat(sigmas)
+    w = protocol.grid_half_width
+    grid = Grid2D(bounds=((-w, w), (-w, w)), n=protocol.grid_n, chunk_size=1 << 20, input_dtype=torch.float32)
+    key = vae_key(protocol, digest_points(torch.cat([train, val])))
+    return LL2DContext(vae=vae, train=train, val=val, test=test, protocol=protocol, seed=protocol.seed, eps_z=eps_z,
+                       z=z, mu=mu, sigma=sigma, log_p_vae_test=mixture_log_density(test, mu, sigma),
+                       mixture_fn=mixture_log_density, grid_fn=lambda fn: log_partition_on(grid, fn),
+                       cache_dir=Path(cache_dir).expanduser() if cache_dir else None, training_key=key)
+
+
+def build_context(protocol: Toy2DProtocol, dataset: str = "gaussians25",
+                  cache_dir: str | Path | None = None) -> LL2DContext:
+    """Split `dataset`, train the protocol's VAE (or reuse it from `cache_dir`) and build the rows' context."""
+    protocol.validate()
+    train, val, test, _ = split_dataset(protocol, dataset)
+    key = vae_key(protocol, digest_points(torch.cat([train, val])))
+    cached = Path(cache_dir).expanduser() / f"ll2d-vae-{key}.pt" if cache_dir else None
+    vae = MLPVAE(MLPVAEConfig())
+    if cached is not None and cached.is_file():
+        vae.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True), strict=True)
+    else:
+        vae = train_vae(train, protocol)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            torch.save(vae.state_dict(), tmp)
+            tmp.replace(cached)
+    vae = vae.eval().requires_grad_(False)
+    return make_context(vae, train, val, test, protocol, cache_dir)
+
+
 def run_ll2d(protocol: Toy2DProtocol, dataset: str = "gaussians25", cache_dir: str | Path | None = None,
              ) -> tuple[LL2DResult, dict[str, Any]]:
     """Train (or reuse from `cache_dir`) the VAE and VAEBM and evaluate them. `dataset` is `gaussians25` (analytic
@@ -554,18 +653,7 @@ def run_ll2d(protocol: Toy2DProtocol, dataset: str = "gaussians25", cache_dir: s
     `val_points` (at most a fifth of the rest) validation, the rest training; no `true` row).
     Returns the result and a description of what was trained/reused."""
     protocol.validate()
-    if dataset in ("gaussians25", "25gaussians", "toy2d"):
-        train, val, test = gaussians25_split(protocol)
-        analytic = gaussians25_log_density
-    else:
-        pts = load_points(dataset)
-        perm = torch.randperm(len(pts), generator=torch.Generator().manual_seed(protocol.seed))
-        pts = pts[perm]
-        n_test = min(protocol.test_points, len(pts) // 3)
-        n_val = min(protocol.val_points, (len(pts) - n_test) // 5)
-        test, val = pts[:n_test], pts[n_test:n_test + n_val]
-        train = pts[n_test + n_val:][: protocol.train_points]
-        analytic = None
+    train, val, test, analytic = split_dataset(protocol, dataset)
     key = protocol.training_key(digest_points(torch.cat([train, val])))
     info: dict[str, Any] = {"training_key": key, "train_points": len(train), "val_points": len(val),
                             "test_points": len(test)}
@@ -591,6 +679,16 @@ def run_ll2d(protocol: Toy2DProtocol, dataset: str = "gaussians25", cache_dir: s
     result.timings_s.update({k: v for k, v in info.items() if k.endswith("_s")})
     result.extra.update({k: info[k] for k in ("val_best_step", "val_best_log_likelihood", "val_vae_log_likelihood")
                          if k in info})
+    if protocol.rows:
+        ctx = make_context(vae, train, val, test, protocol, cache_dir)
+        for name in protocol.rows:
+            t1 = time.perf_counter()
+            row = LL2D_ROWS[name](ctx, getattr(protocol, name))
+            result.timings_s[f"row_{name}"] = time.perf_counter() - t1
+            result.rows[name] = float(row.log_likelihood.mean())
+            result.row_details[name] = row
+            if "true" in result.rows:
+                result.gaps[name] = (result.rows[name] - result.rows["vae"]) / (result.rows["true"] - result.rows["vae"])
     return result, info
 
 
@@ -610,6 +708,11 @@ def format_ll2d_table(result: LL2DResult) -> str:
     c = result.iwae_check
     lines.append(f"IWAE check on {int(c['points'])} test points: iwae = {c['iwae']:.4f}, marginal = "
                  f"{c['marginal']:.4f}, mean |diff| = {c['mean_abs_diff']:.4f}")
+    for name, row in result.row_details.items():
+        check = "" if row.log_z_check is None else f"; second estimate {row.log_z_check:.5f}"
+        lines.append(f"{name}: log Z = {row.log_z:.5f} +- {row.log_z_stderr:.5f}{check}")
+    for name, gap in result.gaps.items():
+        lines.append(f"gap_closed[{name}]={gap:.4f}")
     if "true" in result.rows:
         lines.append(f"true = analytic sigma=0.1 mixture (expected {TRUE_GAUSSIANS25_LL:.4f}; the paper's -1.10 is "
                      "inconsistent with sigma=0.1)")

@@ -6,7 +6,8 @@ into modules (strict loading, nothing unpickled). Jobs dispatch on capabilities,
 
 - `sample(n, generator, options)`: images in [-1, 1] (every kind);
 - `vae`: the noise-space VAE inside (encode, ELBO/IWAE likelihoods), or None;
-- `energy(x)`: an energy with log density log p_vae(x) - E(x) + const, or None for a plain VAE.
+- `energy(x)`: an energy with log density log p_vae(x) - E(x) + const, or None for a plain VAE;
+- `baseline`: the name of what zero MCMC steps give (the model without its method), or None.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 class SampleOptions:
     """How to draw samples at test time; None fields fall back to what the model was trained with."""
 
-    steps: int | None = None  # MCMC steps (energy-based kinds); None: the model's test-time length
+    steps: int | None = None  # MCMC steps (energy-based kinds); None: the model's test-time length; 0: the baseline
     step_size: float | None = None  # MCMC step size; None: as trained
     temperature: float | None = None  # prior temperature; None: as trained (1.0 for a plain VAE)
     use_mean: bool | None = None  # images are the decoder mean (True) or a decoder sample (False); None: as trained
@@ -42,6 +43,9 @@ class TrainedModel(abc.ABC):
 
     kind: str = "?"  # the bundle's kind, set by `build_model`
     energy_based: ClassVar[bool] = False  # `energy(x)` is defined (log density log p_vae - E + const)
+    # What `sample(n, gen, SampleOptions(steps=0))` draws, from the same starting noise as the method's chains (e.g.
+    # "backbone"): the reference the end-of-run report compares against; None: the kind has no baseline.
+    baseline: ClassVar[str | None] = None
 
     @classmethod
     @abc.abstractmethod

@@ -1,6 +1,8 @@
 """ε-space potentials and decoding shared by the methods on a noise-space backbone (vaebm.md Eq. 8-9, App. B).
 
-`core.sampling.langevin` samples exp(-U) for any potential U; this module builds U for VAEBM's pixel-space energy.
+`core.sampling.langevin` samples exp(-U) for any potential U; this module builds U for VAEBM's pixel-space energy
+(`make_vaebm_potential`, state [eps_x, *eps_z]) and for energies on the latent groups (`make_latent_potential`,
+state eps_z: NCP-VAE's -sum_k log r_k and the joint latent EBM prior's -f_alpha).
 
 The state layout is [eps_x, eps_z_1, ..., eps_z_L] (coarsest group first, as the backbone orders them).
 
@@ -71,6 +73,29 @@ def make_vaebm_potential(backbone: NoiseSpaceBackbone, energy_fn: Callable[[torc
             log_pz = sum(sum_except_batch(g.prior.to(torch.float32).log_prob(g.z.float())) for g in tower.groups)
             log_px_z = sum_except_batch(tower.x_dist.to(torch.float32).log_prob(x.float()))
             return energy - log_pz - log_px_z
+
+    return potential
+
+
+def make_latent_potential(backbone: NoiseSpaceBackbone, latent_energy: Callable[[object], torch.Tensor],
+                          temperature: float = 1.0, modules: tuple[object, ...] = ()) -> Potential:
+    """U(eps_z) -> (batch,) for priors reweighted on the latent groups, sampled in eps_z-space.
+
+    The prior is p(z) exp(-E(z)) / Z with p(z) the backbone's hierarchical Gaussian prior and z = T_z(eps_z). As in
+    vaebm.md Eq. 9 (App. B), the Jacobian of T_z cancels, so the eps_z-space target is
+        U(eps_z) = E(T_z(eps_z)) + 1/2 sum_l ||eps_z,l||^2
+    (joint_latent_ebm_prior.md App. A.3 with E = -f_alpha; ncpvae_appendix.md with E = -sum_k log r_k).
+
+    latent_energy: maps the walk `TowerPass` of T_z (groups with z_l and the decoder context before each group) to
+        (batch,) energies E(z).
+    temperature: prior temperature t of T_z (z_l = mu_l + t sigma_l eps_l); the Gaussian term stays 1/2 ||eps||^2.
+    modules: networks inside `latent_energy` whose parameters are frozen while U runs (the backbone always is).
+    """
+    def potential(state: list[torch.Tensor]) -> torch.Tensor:
+        with frozen(backbone, *modules):
+            tower = backbone.T_z(list(state), temperature)
+            energy = latent_energy(tower).float().reshape(state[0].shape[0])
+            return energy + sum(_half_sq_norm(e) for e in state)
 
     return potential
 

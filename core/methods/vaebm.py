@@ -317,6 +317,7 @@ class VAEBMModel(TrainedModel):
     """A trained VAEBM: frozen backbone, frozen energy network and the sampler settings it was trained with."""
 
     energy_based = True
+    baseline = "backbone"  # zero Langevin steps: the backbone's sample from the same eps
 
     def __init__(self, backbone, energy: EnergyNet, sampler: SamplerConfig):
         self.backbone = backbone
@@ -352,7 +353,7 @@ class VAEBMModel(TrainedModel):
         s = self.sampler
         t = s.temperature if o.temperature is None else o.temperature
         use_mean = s.use_mean if o.use_mean is None else o.use_mean
-        steps = o.steps or s.test_steps
+        steps = s.test_steps if o.steps is None else o.steps
         lcfg = dataclasses.replace(s.langevin, num_steps=steps, step_size=o.step_size or s.langevin.step_size,
                                    record_every=max(steps // o.strip_frames, 1) if o.strip_frames else 0)
         init = chain_start(self.backbone, n, generator, o.init, o.init_temperature, o.bn_iterations)

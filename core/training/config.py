@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from core.evaluation.baseline import ReportConfig
 from core.tracking import TrackingConfig
 from data_pipelines.config import DatasetConfig, LoaderConfig
 
@@ -74,6 +75,7 @@ class JobConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)  # schedule, counted in images
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
     run: RunConfig = field(default_factory=RunConfig)  # run directory, seed, time slices
+    report: ReportConfig = field(default_factory=ReportConfig)  # end of training: the method against its baseline
     dry_run: bool = False  # print the resolved config and the parameter counts, then exit without training
 
     def run_dir(self) -> Path:
@@ -99,6 +101,10 @@ class JobConfig:
         _require(loop.max_nonfinite_in_row >= 1, "loop.max_nonfinite_in_row must be >= 1")
         _require(loop.sample_count >= 1, "loop.sample_count must be >= 1")
         _require(self.run.stop_after_nimg is None or self.run.stop_after_nimg > 0, "run.stop_after_nimg must be > 0")
+        try:
+            self.report.validate()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         _require(self.dataset.centered, "dataset.centered must be true: the models work on x in [-1, 1]")
         try:
             type(self).method_config_class.validate(self, self.dataset)

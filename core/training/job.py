@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,34 @@ def _ensure_backbone(config, info: vdist.DistInfo, tracker: Tracker, run_dir: Pa
     backbone_dir = train(nested, nested_resolved, nested_overrides, parent_run_id=tracker.run_ids[0])
     vdist.barrier()
     return load_backbone(str(backbone_dir), uri, info.device, dtype)
+
+
+def final_report(config: JobConfig, bundle: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device,
+                 tracker: Tracker, run_dir: Path, nimg: int) -> list[dict[str, Any]] | None:
+    """Rank 0, end of training: the trained model's samples against its baseline's from the same noise
+    (core/evaluation/baseline.py), printed as a two-row table, written to <run_dir>/report.md and logged."""
+    from core.evaluation import baseline as cmp
+    from core.evaluation.jobs import markdown_table
+
+    rc = config.report
+    model = build_model(bundle, weights, device)
+    if not rc.enabled or model.baseline is None:
+        return None
+    if not cmp.applies(config.dataset.name):
+        log.info("end-of-run report: no download-free score for dataset %r; compare with `launchers/evaluate.py "
+                 "metric=fid model=%s`", config.dataset.name, run_dir)
+        return None
+    t = time.perf_counter()
+    rows = cmp.compare_with_baseline(model, cmp.digits_scorer(rc.scorer_cache_dir), rc.num_samples, rc.batch_size,
+                                     rc.seed, rc.steps, device)
+    text = (f"## {model.kind} against its baseline ({rc.num_samples} samples each, same starting noise; digits "
+            f"classifier score)\n\n{markdown_table(rows)}\n\n{cmp.verdict(rows)}\n")
+    (run_dir / "report.md").write_text(text)
+    print(text, flush=True)
+    tracker.log_metrics(cmp.metrics_of(rows), step=nimg)
+    tracker.log_artifact(run_dir / "report.md")
+    log.info("end-of-run report took %.1f s", time.perf_counter() - t)
+    return rows
 
 
 def train(config: JobConfig, resolved: dict[str, Any], overrides: list[str] | None = None,
@@ -212,6 +241,7 @@ def _train_locked(config: JobConfig, resolved: dict[str, Any], overrides: list[s
             bundle, weights = method.export()
             publish_model(tracker, run_dir, model_name(config), bundle, weights)
             save_run_ids(run_dir, *tracker.run_ids)
+            final_report(config, bundle, weights, info.device, tracker, run_dir, state.cur_nimg)
         if finished:
             tracker.end("FINISHED")  # a time-sliced invocation leaves its runs open for the next one
     return run_dir
