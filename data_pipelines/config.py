@@ -30,7 +30,7 @@ def _require(ok: bool, message: str) -> None:
 class PrepareConfig:
     """What `launchers/prepare_data.py` builds (or verifies)."""
 
-    source: str | None = None  # built-in set (digits|photos256|faces25|toy2d) or a path: image folder, .zip, .npy/.npz, LMDB
+    source: str | None = None  # built-in set (digits|photos256|faces25|toy2d) or a path: image folder, .zip, .npy/.npz, SVHN .mat, MNIST IDX (.gz), LMDB
     out: str | None = None  # output directory for shards, indexes and manifest.json
     name: str | None = None  # shard file prefix; default: the built-in name or the source's file name
     size: int | None = None  # output side length (square); None: built-in default, or keep the source size
@@ -94,6 +94,9 @@ class DatasetConfig:
     num_bits: int = 8  # quantize to this many bits per channel (NVAE uses 5 for CelebA-HQ-256)
     centered: bool = True  # True: x in [-1,1] (NVAE); False: [0,1]
     flip: bool = False  # random horizontal flips, a function of (seed, epoch, sample)
+    # Dynamic binarization (binarized MNIST): each time a sample is delivered its pixels become 0/1 with probability
+    # equal to their intensity, a function of (seed, stream position, pixel) (transforms.dynamic_binarize).
+    binarize: bool = False
     verify: str = "size"  # on open: off | size (cheap, detects truncation) | sha256 (reads every byte)
     max_bad_fraction: float = 0.01  # fail when more than this fraction of the dataset is undecodable or truncated
     # Loaders: a stored image whose header declares more pixels than this is not decoded but skipped and counted
@@ -112,6 +115,8 @@ class DatasetConfig:
         _require(self.max_image_pixels is None or self.max_image_pixels >= 0,
                  f"dataset.max_image_pixels must be >= 0 (0 or null: no limit), got {self.max_image_pixels}")
         _require(self.formula in TOY2D_FORMULAS, f"dataset.formula must be one of {TOY2D_FORMULAS}")
+        _require(not self.binarize or self.num_bits == 8, "dataset.binarize needs dataset.num_bits=8 (it binarizes "
+                 "the 8-bit intensities)")
 
     def prepare_config(self, out: Path) -> PrepareConfig:
         """How a built-in set is built into the cache."""

@@ -79,6 +79,11 @@ def build_loader(dataset: DatasetConfig, loader: LoaderConfig, *, rank: int, wor
                          log_problems=rank == 0)
     kind = reader.manifest.kind
     backend = choose_backend(loader, kind)
+    if dataset.binarize and backend == "dali":
+        # DALI's pipeline does not see stream positions; binarization is a function of them (transforms.py)
+        if loader.backend == "dali":
+            raise DataConfigError("dataset.binarize=true needs loader.backend=torch (or auto)")
+        backend = "torch"
     args = (reader, dataset, loader, rank, world_size, seed, cur_nimg)
     if kind == "points":
         return PointLoader(*args)

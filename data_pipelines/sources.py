@@ -1,5 +1,5 @@
 """Inputs the shard builder can read: a folder of images, a zip of images, an .npy/.npz array, an LMDB of images
-(the layout NVAE's `create_*_lmdb.py` scripts write), and point sets.
+(the layout NVAE's `create_*_lmdb.py` scripts write), SVHN's official .mat files, and point sets.
 
 A source is a sized sequence of `SourceItem`s in a deterministic order (sorted names, ascending keys) so the same
 input always gives the same shards. Decoding is deferred to `SourceItem.load()` so one unreadable file is skipped
@@ -149,6 +149,31 @@ def array_source(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PI
     return ImageSource(items, description)
 
 
+def svhn_mat_source(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ImageSource:
+    """SVHN's official `train_32x32.mat` / `test_32x32.mat` / `extra_32x32.mat` (MATLAB v5): X (32, 32, 3, N) uint8
+    and y (N, 1) with labels 1..10, where 10 is the digit 0 (stored as label 0 here). Read with scipy.io.loadmat."""
+    try:
+        from scipy.io import loadmat
+    except ImportError as e:
+        raise ImportError("reading an SVHN .mat source needs scipy (pip install scipy)") from e
+    path = Path(path)
+    arrays = loadmat(str(path))
+    if "X" not in arrays or arrays["X"].ndim != 4 or arrays["X"].shape[2] not in (1, 3):
+        raise ValueError(f"{path}: expected SVHN's X array of shape (H, W, C, N), found {sorted(arrays)}")
+    data = arrays["X"]
+    labels = np.asarray(arrays["y"]).reshape(-1) % 10 if "y" in arrays else None
+    if labels is not None and len(labels) != data.shape[3]:
+        raise ValueError(f"{path}: {data.shape[3]} images but {len(labels)} labels")
+
+    def load(i: int) -> Image.Image:
+        check_pixel_limit((data.shape[1], data.shape[0]), max_pixels)
+        return array_to_image(np.ascontiguousarray(data[..., i]))
+
+    items = [SourceItem(f"{path}[{i}]", None if labels is None else int(labels[i]), (lambda i=i: load(i)))
+             for i in range(data.shape[3])]
+    return ImageSource(items, {"kind": "svhn_mat", "path": str(path.resolve())})
+
+
 def lmdb_source(path: str | Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ImageSource:
     """An LMDB as NVAE's `create_*_lmdb.py` write it: keys b"0".."N-1"; values are encoded images (PNG/JPEG) or
     raw square RGB uint8 buffers (NVAE's `is_encoded=False` layout: side = sqrt(len/3))."""
@@ -184,7 +209,8 @@ def is_lmdb(path: Path) -> bool:
 
 def open_path_source(path: str | Path, labels: str = "none",
                      max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ImageSource | PointSource:
-    """Pick the reader from what `path` is: LMDB dir, image folder, .zip, .npy/.npz. Images over `max_pixels`
+    """Pick the reader from what `path` is: LMDB dir, image folder, .zip, .npy/.npz, SVHN .mat, MNIST IDX (optionally
+    .gz). Images over `max_pixels`
     (0 or None: no limit) raise ImageTooLargeError on `load()`, before their pixels are decoded."""
     p = Path(path)
     if not p.exists():
@@ -197,4 +223,10 @@ def open_path_source(path: str | Path, labels: str = "none",
         return zip_source(p, labels, max_pixels)
     if p.suffix.lower() in (".npy", ".npz"):
         return array_source(p, max_pixels)
-    raise ValueError(f"don't know how to read {p}: expected an image folder, .zip, .npy/.npz or LMDB")
+    from data_pipelines.idx_source import idx_source, is_idx  # idx_source imports this module
+
+    if is_idx(p):
+        return idx_source(p, max_pixels)
+    if p.suffix.lower() == ".mat":
+        return svhn_mat_source(p, max_pixels)
+    raise ValueError(f"don't know how to read {p}: expected an image folder, .zip, .npy/.npz, SVHN .mat, MNIST IDX or LMDB")

@@ -15,7 +15,7 @@ from .image_prep import DEFAULT_MAX_IMAGE_PIXELS, GRAY_16_MODES, open_image, red
 from .loader_base import BaseLoader
 from .shard_reader import ShardReader
 from .sharding import BatchPlan
-from .transforms import to_model_range
+from .transforms import dynamic_binarize, to_model_range
 
 
 def decode_to_uint8(data: bytes, channels: int, resolution: int | None,
@@ -61,7 +61,7 @@ class _PlannedBatches(Dataset):
             bad.extend(met)
         return {"x_u8": torch.stack(images), "label": torch.tensor(labels, dtype=torch.int64),
                 "index": torch.tensor(used, dtype=torch.int64), "is_pad": torch.from_numpy(plan.is_pad.copy()),
-                "bad": bad}
+                "position": torch.from_numpy(plan.positions.copy()), "bad": bad}
 
 
 class _PlanSampler:
@@ -97,6 +97,10 @@ class TorchImageLoader(BaseLoader):
             self._account(len(raw["index"]), raw.pop("bad"))
             x = raw.pop("x_u8").to(self.device, non_blocking=True)
             raw["x"] = to_model_range(x, self.dataset_cfg.num_bits, self.dataset_cfg.centered)
+            position = raw.pop("position")
+            if self.dataset_cfg.binarize:
+                raw["x"] = dynamic_binarize(raw["x"], self.slice.plan.seed, position.to(raw["x"].device),
+                                            self.dataset_cfg.centered)
             yield raw
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from core.evaluation.fid import InceptionConfig
+from core.evaluation.grbm_likelihood import GRBMLikelihoodConfig
 from core.evaluation.toy2d import Toy2DProtocol
 from core.tracking import TrackingConfig
 from core.training.config import CONF_DIR, ConfigError
@@ -30,14 +31,17 @@ from data_pipelines.config import DatasetConfig
 
 log = logging.getLogger("vaebm.evaluate")
 
-METRICS = ("fid", "ll2d", "iwae", "ood", "digits")
+METRICS = ("fid", "ll2d", "iwae", "ood", "digits", "recon", "grbm_ll")
 OOD_SETS = ("photos256", "faces25", "noise", "inverted", "interpolation")
 FID_PRESETS = {"paper": 50_000, "paper_celebahq256": 30_000}  # vaebm.md Sec. 5.1 / App. E sample counts
 
 
 @dataclass
 class EvaluateConfig:
-    metric: str = "fid"  # fid | ll2d | iwae | ood | digits (method vs its baseline, digits classifier score)
+    # fid | ll2d | iwae | ood | digits (method vs its baseline, digits classifier score) | recon (held-out
+    # reconstruction MSE of eval_samples images, models with inference: posterior chains or an encoder) | grbm_ll
+    # (a grbm_vae model's log-likelihood: AIS or exact log Z, importance-sampled Eqs. 2-4, the classifier estimate)
+    metric: str = "fid"
     model: str | None = None  # MLflow model URI (models:/..., runs:/...), run directory or model directory
     # conf/dataset/<name>.yaml, a shard directory, or (ll2d) gaussians25 | <points.npy>. On the command line it is
     # `dataset=<...>`: launchers/evaluate.py renames it (Hydra reserves `dataset=` for the conf/dataset group).
@@ -64,6 +68,10 @@ class EvaluateConfig:
     #                                                                      inverted interpolation
     # digits (eval_samples images per row, same starting noise for both rows; steps as above)
     digits_scorer_cache_dir: str | None = "~/.cache/vaebm/digits_scorer"  # the digits classifier's weights
+    # grbm_ll (eval_samples test images on rank 0)
+    grbm: GRBMLikelihoodConfig = field(default_factory=GRBMLikelihoodConfig)  # estimators and their sample counts
+    grbm_train_dataset: str | None = None  # conf/dataset name or shard dir of the classifier's training images;
+    #                                       None: the evaluated dataset
     # ll2d
     ll2d: Toy2DProtocol = field(default_factory=Toy2DProtocol)  # the 2-D protocol (core/evaluation/toy2d.py)
     ll2d_cache_dir: str | None = None  # trained 2-D models are reused from here; None: <out>/ll2d-cache
@@ -74,7 +82,7 @@ class EvaluateConfig:
     def validate(self) -> None:
         req = _require
         req(self.metric in METRICS, f"metric must be one of {'|'.join(METRICS)}, got {self.metric!r}")
-        if self.metric in ("fid", "iwae", "ood", "digits"):
+        if self.metric in ("fid", "iwae", "ood", "digits", "recon", "grbm_ll"):
             req(bool(self.model), f"metric={self.metric} needs model=<MLflow model URI or run/model directory>")
         req(self.batch_size > 0 and self.eval_samples > 0 and self.fid_samples > 1,
             "batch_size and eval_samples must be > 0, fid_samples > 1")
@@ -289,6 +297,48 @@ def run_fid(config: EvaluateConfig, info, model, uri: str) -> tuple[list[dict], 
                   "fid/seconds": time.perf_counter() - t}
 
 
+def run_recon(config: EvaluateConfig, info, model) -> tuple[list[dict], dict[str, float]]:
+    """Mean per-pixel squared error of `model.reconstruct` on the first eval_samples images (all ranks)."""
+    import torch.distributed as dist
+
+    from core import dist as vdist
+
+    dataset = _fit_dataset(config.dataset_config(), _x_shape(model))
+    total = torch.zeros(3, dtype=torch.float64, device=info.device)
+    for b, x in enumerate(_images(dataset, config.eval_samples, config.batch_size, info.rank, info.world_size,
+                                  info.device)):
+        gen = torch.Generator(device=info.device).manual_seed(vdist.derive_seed(config.seed, info.rank, b))
+        rec = model.reconstruct(x, gen)
+        if rec is None:
+            raise ConfigError(f"metric=recon needs a model with inference; model kind {model.kind!r} has none")
+        err = (rec.float() - x.float()).pow(2)
+        total += torch.stack([err.sum().double(), torch.tensor(float(err.numel()), dtype=torch.float64,
+                                                               device=info.device),
+                              torch.tensor(float(len(x)), dtype=torch.float64, device=info.device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    mse = float(total[0] / total[1])
+    rows = [{"model": model.kind, "dataset": dataset.name, "images": int(total[2]), "mse_per_pixel": round(mse, 6)}]
+    return rows, {"recon/mse_per_pixel": mse, "recon/images": float(total[2])}
+
+
+def run_grbm_likelihood(config: EvaluateConfig, info, model) -> tuple[list[dict], dict[str, float]]:
+    """Every likelihood estimator of a grbm_vae model side by side (core/evaluation/grbm_likelihood.py), rank 0."""
+    from core.evaluation.grbm_likelihood import evaluate_grbm_vae
+
+    if not hasattr(model, "grbm_params"):
+        raise ConfigError(f"metric=grbm_ll needs a grbm_vae model, got kind {model.kind!r}")
+    dataset = _fit_dataset(config.dataset_config(), _x_shape(model))
+    test = _images(dataset, config.eval_samples, config.batch_size, 0, 1, info.device)
+    train_ds = dataset
+    if config.grbm_train_dataset:
+        train_ds = _fit_dataset(dataclasses.replace(config, dataset_ref=config.grbm_train_dataset).dataset_config(),
+                                _x_shape(model))
+    train = torch.cat(_images(train_ds, config.grbm.classifier_prior_samples, config.batch_size, 0, 1, info.device))
+    return evaluate_grbm_vae(model, test, train, config.grbm,
+                             torch.Generator(device=info.device).manual_seed(config.seed))
+
+
 def run_digits(config: EvaluateConfig, info, model) -> tuple[list[dict], dict[str, float]]:
     """The model's samples against its baseline's from the same noise, scored by the digits classifier (rank 0)."""
     from core.evaluation import baseline as cmp
@@ -425,6 +475,10 @@ def evaluate(config: EvaluateConfig, resolved: dict[str, Any]) -> dict[str, Any]
             rows, metrics = run_fid(config, info, model, uri)
         elif config.metric == "iwae":
             rows, metrics = run_iwae(config, info, model)
+        elif config.metric == "grbm_ll":
+            rows, metrics = run_grbm_likelihood(config, info, model) if info.is_rank0 else ([], {})
+        elif config.metric == "recon":
+            rows, metrics = run_recon(config, info, model)
         elif config.metric == "digits":
             rows, metrics = run_digits(config, info, model) if info.is_rank0 else ([], {})
         else:

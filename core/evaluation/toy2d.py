@@ -43,6 +43,9 @@ import torch
 from core.evaluation.density2d import (Grid2D, vaebm_log_density, grid_points, gaussians25_expected_log_likelihood,
                                        gaussians25_log_density, log_partition_on, mc_log_partition, sample_gaussians25)
 from core.evaluation.iwae import iwae_log_likelihood
+from core.evaluation.ll2d_grbm_vae import GRBMVAERowConfig, ll2d_row as grbm_vae_row
+from core.evaluation.ll2d_latent_ebm import LatentEBMRowConfig, ll2d_row as latent_ebm_row
+from core.evaluation.ll2d_ncp_vae import NCPVAERowConfig, ll2d_row as ncp_vae_row
 from core.evaluation.ll2d_seam import LL2DContext, LL2DRow
 from core.methods.vaebm import langevin_negatives, sir_chain_start
 from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init
@@ -59,7 +62,8 @@ TRUE_GAUSSIANS25_LL = gaussians25_expected_log_likelihood()  # -1.4516 nats (sig
 
 # Further rows: name -> ll2d_row(ctx, config) of core/evaluation/ll2d_<name>.py; Toy2DProtocol has a field of that
 # name holding the row's typed settings.
-LL2D_ROWS: dict[str, Callable[[LL2DContext, Any], LL2DRow]] = {}
+LL2D_ROWS: dict[str, Callable[[LL2DContext, Any], LL2DRow]] = {
+    "ncp_vae": ncp_vae_row, "latent_ebm": latent_ebm_row, "grbm_vae": grbm_vae_row}
 
 
 @dataclass
@@ -104,6 +108,9 @@ class Toy2DProtocol:
     # further rows (core/evaluation/ll2d_<name>.py), scored on the same splits and, for methods that refine the VAE,
     # on the same frozen VAE; each has its settings in the field of its name
     rows: list[str] = field(default_factory=list)
+    ncp_vae: NCPVAERowConfig = field(default_factory=NCPVAERowConfig)  # row `ncp_vae` (ll2d_ncp_vae.py)
+    latent_ebm: LatentEBMRowConfig = field(default_factory=LatentEBMRowConfig)  # row `latent_ebm` (ll2d_latent_ebm.py)
+    grbm_vae: GRBMVAERowConfig = field(default_factory=GRBMVAERowConfig)  # row `grbm_vae` (ll2d_grbm_vae.py)
 
     def validate(self) -> None:
         may_be_zero = ("alpha_s", "seed", "energy_reg", "energy_first_scale", "persistent", "ebm_beta1")

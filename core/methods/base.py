@@ -53,6 +53,19 @@ class Stateful(abc.ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class StepCounter(Stateful):
+    """A method's step counter (schedules, per-step random streams), checkpointed by the name the method gives it."""
+
+    def __init__(self):
+        self.value = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = int(state.get("iteration", 0))
+
+
 class Method(abc.ABC):
     """One training method on the shared job. Subclasses set `name`, `config_class` and `model_prefix`."""
 

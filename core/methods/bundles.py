@@ -7,7 +7,8 @@ into modules (strict loading, nothing unpickled). Jobs dispatch on capabilities,
 - `sample(n, generator, options)`: images in [-1, 1] (every kind);
 - `vae`: the noise-space VAE inside (encode, ELBO/IWAE likelihoods), or None;
 - `energy(x)`: an energy with log density log p_vae(x) - E(x) + const, or None for a plain VAE;
-- `baseline`: the name of what zero MCMC steps give (the model without its method), or None.
+- `baseline`: the name of what zero MCMC steps give (the model without its method), or None;
+- `reconstruct(x, generator)`: reconstructions through the model's inference (posterior chains or encoder), or None.
 """
 from __future__ import annotations
 
@@ -62,6 +63,14 @@ class TrainedModel(abc.ABC):
     def vae(self):
         """The noise-space VAE inside (core.models.NoiseSpaceVAE), or None."""
         return None
+
+    def reconstruct(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        """Reconstructions of x (same shape, model space) through the model's inference, or None if it has none.
+        Default: a VAE inside reconstructs with its decoder mean at a posterior sample."""
+        if self.vae is None:
+            return None
+        with torch.no_grad():
+            return self.vae.posterior(x).x_dist.mu.float()
 
     def energy(self, x: torch.Tensor) -> torch.Tensor | None:
         """Per-sample energy E(x) of an energy-refined model (log h = log p_vae - E - log Z), or None."""

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from core.methods.base import BackboneConfig, Method, MethodContext, register_method
+from core.methods.base import BackboneConfig, Method, MethodContext, StepCounter, register_method
 from core.methods.bundles import SampleOptions, Samples, TrainedModel, freeze, register, sub_state
 from core.methods.nvae import build_vae, float_state
 from core.methods.potentials import (TARGET_MODES, chain_start, decode, join_state, make_vaebm_potential,
@@ -153,17 +153,18 @@ class CastingEnergy(torch.nn.Module):
         return self.energy(x.to(next(self.energy.parameters()).dtype)).float()
 
 
-class _Iteration:
-    """The method's step counter (replay-probability ramp, per-step random streams), checkpointed by name."""
 
-    def __init__(self):
-        self.value = 0
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"iteration": self.value}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.value = int(state.get("iteration", 0))
+def energy_divergence(metrics: dict[str, float], max_energy_gap: float) -> str | None:
+    """Divergence as the official README describes it ("training eventually explodes"): the energy gap
+    `ebm/energy_gap` blows up or the chains produce non-finite values (`langevin/nonfinite`). Shared by the methods
+    whose negative phase is Langevin on an energy (VAEBM, the joint latent EBM prior)."""
+    gap = metrics.get("ebm/energy_gap", 0.0)
+    if not abs(gap) < max_energy_gap:  # also catches NaN
+        return f"|E(x+) - E(x-)| = {abs(gap):.3g} exceeds {max_energy_gap:g}"
+    if metrics.get("langevin/nonfinite", 0.0) > 0:
+        return f"{metrics['langevin/nonfinite']:.3g} non-finite chain samples per step"
+    return None
 
 
 @register_method
@@ -186,7 +187,7 @@ class VAEBMMethod(Method):
         self.energy = EnergyNet(config.energy).to(ctx.device)
         self.energy_fp32 = CastingEnergy(self.energy)
         self.buffer = ReplayBuffer(backbone.latent_shapes(), config.buffer) if config.sampler.persistent else None
-        self.iteration = _Iteration()
+        self.iteration = StepCounter()
         self.divergence_patience = config.objective.divergence_patience
         gen = torch.Generator().manual_seed(derive_seed(ctx.seed, _GRID_STREAM))
         self.fixed_noise = backbone.sample_noise(ctx.sample_count, generator=gen, device=torch.device("cpu"))
@@ -285,14 +286,7 @@ class VAEBMMethod(Method):
         return paths
 
     def health(self, metrics: dict[str, float]) -> str | None:
-        """Divergence as the official README describes it ("training eventually explodes"): the energy gap blows up
-        or the chains produce non-finite values."""
-        gap, limit = metrics.get("ebm/energy_gap", 0.0), self.config.objective.max_energy_gap
-        if not abs(gap) < limit:  # also catches NaN
-            return f"|E(x+) - E(x-)| = {abs(gap):.3g} exceeds {limit:g}"
-        if metrics.get("langevin/nonfinite", 0.0) > 0:
-            return f"{metrics['langevin/nonfinite']:.3g} non-finite chain samples per step"
-        return None
+        return energy_divergence(metrics, self.config.objective.max_energy_gap)
 
     def shared_state(self):
         return {"method": self.iteration}
