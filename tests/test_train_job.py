@@ -37,7 +37,10 @@ def test_every_method_has_a_conf_group_and_presets():
 
 
 def test_preset_groups_select_typed_sections():
-    config, _, _ = compose_job(["method=vaebm", "energy=celeba64", "dataset.size=64", "energy.base_channels=8"])
+    # the quickstart preset (the default experiment) sizes the energy for its 16x16 digits after the group is chosen
+    config, _, _ = compose_job(["method=vaebm", "energy=celeba64", "energy.base_channels=8"])
+    assert (config.energy.arch, config.energy.image_size, config.energy.base_channels) == ("celeba64", 16, 8)
+    config, _, _ = compose_job(["method=vaebm", "experiment=celeba64", "energy.base_channels=8"])
     assert (config.energy.arch, config.energy.image_size, config.energy.base_channels) == ("celeba64", 64, 8)
     config, _, _ = compose_job(["method=nvae", "experiment=celebahq256"])
     assert (config.nvae.image_size, config.nvae.num_x_bits, config.dataset.num_bits) == (256, 5, 5)

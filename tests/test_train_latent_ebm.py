@@ -31,7 +31,7 @@ from core.sampling.langevin import LangevinConfig
 from core.tracking import TrackingConfig, read_model_dir, write_model_dir
 from core.training.cli import run_training
 
-PRESETS = {"quickstart": 197_572, "cifar10": 9_946_350, "celeba64": 4_973_175, "celebahq256": 7_942_900}
+PRESETS = {"quickstart": 107_332, "cifar10": 9_946_350, "celeba64": 4_973_175, "celebahq256": 7_942_900}
 
 
 @pytest.mark.parametrize("experiment", sorted(PRESETS))

@@ -21,7 +21,7 @@ SMALL = ["dataset.size=16", "dataset.channels=3", "classifier.base_channels=8", 
          "loader.num_workers=0", "run.dist_timeout_s=60", "tracking.enabled=false"]
 
 
-@pytest.mark.parametrize("experiment, preset, groups, batch", [("quickstart", "tiny", 4, 64),
+@pytest.mark.parametrize("experiment, preset, groups, batch", [("quickstart", "digits16", 4, 64),
                                                                 ("cifar10", "cifar10", 30, 64),
                                                                 ("celeba64", "celeba64", 15, 32),
                                                                 ("celebahq256", "celebahq256", 20, 16)])

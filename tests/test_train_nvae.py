@@ -67,7 +67,7 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("experiment, preset", [("quickstart", "tiny"), ("cifar10", "cifar10"),
+@pytest.mark.parametrize("experiment, preset", [("quickstart", "digits16"), ("cifar10", "cifar10"),
                                                 ("celeba64", "celeba64"), ("lsun_church64", "lsun_church64"),
                                                 ("celebahq256", "celebahq256")])
 def test_dry_run_every_preset(experiment, preset, capsys):
