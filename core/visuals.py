@@ -29,6 +29,13 @@ def energy_histogram(e_pos: torch.Tensor | None, e_neg: torch.Tensor, path: Path
         ax.hist(e_pos.float().numpy(), bins=bins.numpy(), alpha=0.6, label="data E(x+)")
     ax.hist(e_neg.float().numpy(), bins=bins.numpy(), alpha=0.6, label="samples E(x-)")
     ax.set_xlabel("energy")
+    return finish_figure(fig, ax, title, path)
+
+
+def finish_figure(fig, ax, title: str, path: Path) -> Path:
+    """Title and legend on `ax`, then write `fig` to `path` and release it (every plot here ends this way)."""
+    import matplotlib.pyplot as plt
+
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()

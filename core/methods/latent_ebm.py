@@ -42,7 +42,7 @@ from core.sampling.replay_buffer import ReplayBuffer, ReplayBufferConfig, replay
 from core.sampling.resampled_init import SCHEMES as RESAMPLING_SCHEMES, ResampledInit, importance_resampled_init
 from core.sampling.rng import rank_generator
 from core.seeding import derive_seed
-from core.visuals import save_grid
+from core.visuals import finish_figure, save_grid
 
 _GRID_STREAM = 0x1A7E  # fixed eps_z of the sample grids
 _TEST_CHAIN_STREAM = 0x1A7F  # Langevin noise of the grids' test-time chains
@@ -221,12 +221,7 @@ def energy_bars(e_pos: torch.Tensor | None, e_neg: torch.Tensor, path: Path, tit
     ax.bar(groups + width / 2, e_neg.mean(0).numpy(), width, label="samples: -f_i(z-)")
     ax.set_xlabel("latent group (top first)")
     ax.set_ylabel("mean energy")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return finish_figure(fig, ax, title, path)
 
 
 # ------------------------------------------------------------------------------------------------------- method

@@ -36,7 +36,7 @@ from core.optim.config import OptimConfig
 from core.sampling.langevin import LangevinConfig, LangevinResult, Potential, frozen, run_langevin
 from core.sampling.rng import rank_generator
 from core.seeding import derive_seed
-from core.visuals import save_grid
+from core.visuals import finish_figure, save_grid
 from data_pipelines.builtin_sets import BUILTIN_SETS_DEFAULT_SIZE
 
 _GRID_STREAM = 0x1EB0  # fixed noise of the sample grids and chain strips
@@ -230,12 +230,7 @@ class _Curves:
         ax.plot(self.nimg, self.f_neg, label="f(z-) prior", lw=1)
         ax.set_xlabel("images seen")
         ax.set_ylabel("f")
-        ax.set_title(title)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return finish_figure(fig, ax, title, path)
 
 
 def strip(frames: list[torch.Tensor], first: torch.Tensor | None = None) -> torch.Tensor:
