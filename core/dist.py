@@ -10,6 +10,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +37,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _unlink_shm_allreduce_buffer() -> None:
+    """Remove this rank's name of DeepSpeed's CPU shared-memory all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed never unlinks these (~65 MB per rank in /dev/shm), so every restart of a CPU job on the same host leaked
+    one per rank until the tmpfs filled. After the barrier all local ranks hold their mappings, which outlive the name.
+    """
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
 def env_rank() -> int:
     """This process's rank as the launcher set it (0 when run without a launcher); valid before init."""
     return int(os.environ.get("RANK", "0"))
@@ -48,7 +61,7 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     """
     if "WORLD_SIZE" not in os.environ:  # plain `python`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(_free_port()))  # for libraries that read it; the group below needs no port
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -59,12 +72,15 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     if not dist.is_initialized() and int(os.environ["WORLD_SIZE"]) == 1:
         # A world of one needs no collectives: torch's group directly, without DeepSpeed's communication layer,
         # whose CPU shared-memory op is JIT-built on first use (~50 s on 2 idle cores). deepspeed.initialize, if a
-        # training stage calls it later, adopts this group.
-        dist.init_process_group(backend=backend, timeout=timeout)
+        # training stage calls it later, adopts this group. Its store lives in memory: a TCP store would listen on a
+        # port picked earlier, which another process may take in between (EADDRINUSE on a busy machine).
+        dist.init_process_group(backend=backend, timeout=timeout, store=dist.HashStore(), rank=0, world_size=1)
     elif not dist.is_initialized():
         import deepspeed  # deferred: importing deepspeed probes accelerators, which costs seconds
 
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
+        if backend == "gloo":
+            _unlink_shm_allreduce_buffer()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

@@ -103,7 +103,7 @@ def test_method_samples_are_at_least_as_confident_as_the_backbone(digits_backbon
     assert ours["mean_confidence"] >= base["mean_confidence"]
 
 
-SMALL = ["method=latent_ebm", "dataset.size=16", "energy.channels=8", "energy.hidden=16",
+SMALL = ["method=latent_ebm", "dataset.size=16", "dataset.channels=3", "energy.channels=8", "energy.hidden=16",
          "sampler.langevin.num_steps=3", "sampler.test_steps=3", "sampler.persistent=true", "buffer.capacity=32",
          "buffer.anneal_iterations=2", "hierarchy_rows=2", "expected_latent_groups=[2x8x4x4,2x8x8x8]",
          "loop.batch_size=4", "loop.total_nimg=32", "loop.checkpoint_every_nimg=16", "loop.report_every_nimg=8",
