@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import DataConfigError
 from .manifest import VERIFY_MODES
-from .image_prep import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_FILTERS
+from .image_prep import CROPS, DEFAULT_MAX_IMAGE_PIXELS, RESIZE_FILTERS
 
 BUILTIN_SETS = ("digits", "photos256", "faces25", "toy2d")
 TOY2D_FORMULAS = ("25gaussians", "8gaussians", "swissroll")
@@ -34,7 +34,7 @@ class PrepareConfig:
     out: str | None = None  # output directory for shards, indexes and manifest.json
     name: str | None = None  # shard file prefix; default: the built-in name or the source's file name
     size: int | None = None  # output side length (square); None: built-in default, or keep the source size
-    crop: str = "center"  # "center": largest centered square before resizing; "none": resize as is
+    crop: str = "center"  # center: largest centered square | celeba_box: NVAE's CelebA-64 face box | none: as is
     resize_filter: str = "lanczos"  # PIL filter for build-time resizing: lanczos|bicubic|bilinear|box|nearest
     format: str = "png"  # image encoding in the shards: png (lossless) or jpg
     jpeg_quality: int = 95  # JPEG quality when format=jpg
@@ -63,7 +63,7 @@ class PrepareConfig:
             _require(Path(self.source).exists(), f"source {self.source!r} is neither a built-in set "
                      f"({', '.join(BUILTIN_SETS)}) nor an existing path")
         _require(self.size is None or self.size > 0, f"size must be positive, got {self.size}")
-        _require(self.crop in ("center", "none"), f"crop must be center or none, got {self.crop!r}")
+        _require(self.crop in CROPS, f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
         _require(self.resize_filter in RESIZE_FILTERS,
                  f"resize_filter must be one of {sorted(RESIZE_FILTERS)}, got {self.resize_filter!r}")
         _require(self.format in ("png", "jpg"), f"format must be png or jpg, got {self.format!r}")
@@ -98,6 +98,7 @@ class DatasetConfig:
     # equal to their intensity, a function of (seed, stream position, pixel) (transforms.dynamic_binarize).
     binarize: bool = False
     verify: str = "size"  # on open: off | size (cheap, detects truncation) | sha256 (reads every byte)
+    expect_crop: str | None = None  # shards must have been built with this crop (celeba64: celeba_box); None: any
     max_bad_fraction: float = 0.01  # fail when more than this fraction of the dataset is undecodable or truncated
     # Loaders: a stored image whose header declares more pixels than this is not decoded but skipped and counted
     # as a bad sample (data/bad_samples), like an undecodable one. 0 or null: no limit. Default 8192 * 8192.
@@ -111,6 +112,8 @@ class DatasetConfig:
         _require(self.channels in (1, 3), f"dataset.channels must be 1 or 3, got {self.channels}")
         _require(1 <= self.num_bits <= 8, f"dataset.num_bits must be in 1..8, got {self.num_bits}")
         _require(self.verify in VERIFY_MODES, f"dataset.verify must be one of {VERIFY_MODES}, got {self.verify!r}")
+        _require(self.expect_crop is None or self.expect_crop in CROPS,
+                 f"dataset.expect_crop must be one of {', '.join(CROPS)} or null, got {self.expect_crop!r}")
         _require(0.0 <= self.max_bad_fraction < 1.0, "dataset.max_bad_fraction must be in [0, 1)")
         _require(self.max_image_pixels is None or self.max_image_pixels >= 0,
                  f"dataset.max_image_pixels must be >= 0 (0 or null: no limit), got {self.max_image_pixels}")

@@ -78,6 +78,11 @@ def build_loader(dataset: DatasetConfig, loader: LoaderConfig, *, rank: int, wor
     reader = ShardReader(directory, verify=dataset.verify, max_bad_fraction=dataset.max_bad_fraction,
                          log_problems=rank == 0)
     kind = reader.manifest.kind
+    built_crop = reader.manifest.preprocessing.get("crop")
+    if dataset.expect_crop is not None and built_crop != dataset.expect_crop:
+        raise DataConfigError(f"{directory} was built with crop={built_crop}, but dataset {dataset.name!r} is defined "
+                              f"with crop={dataset.expect_crop}: rebuild it with launchers/prepare_data.py "
+                              f"crop={dataset.expect_crop} (or set dataset.expect_crop=null to use it as it is)")
     backend = choose_backend(loader, kind)
     if dataset.binarize and backend == "dali":
         # DALI's pipeline does not see stream positions; binarization is a function of them (transforms.py)

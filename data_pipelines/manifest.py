@@ -11,7 +11,7 @@ accessors below return None or 0 for them) and manifests written now still load 
   source["bit_depth_counts"]       written inputs per source bit depth, e.g. {"8": 950, "16": 50}
   source["bit_depth_conversion"]   how inputs deeper than 8 bits were reduced, e.g. "16-bit: round(v * 255 / 65535)"
   preprocessing["max_image_pixels"] the pixel limit the build applied (0 or None: none)
-  skipped_inputs[i]["reason"]      "undecodable" or "too_large" (over max_image_pixels)
+  skipped_inputs[i]["reason"]      "undecodable", "too_large" (over max_image_pixels) or "wrong_size" (crop)
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from .errors import DataConfigError, DataCorruptionError, ImageTooLargeError
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry, load_manifest, sha256_file, write_manifest
 from .shard_index import write_index
 from .sources import ImageSource, PointSource, open_path_source
-from .image_prep import check_pixel_limit, prepare_image, to_stored_8bit
+from .image_prep import CropError, check_pixel_limit, prepare_image, to_stored_8bit
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ def _write_images(source: ImageSource, cfg: PrepareConfig, tmp: Path, name: str,
                 image, bits, conversion = to_stored_8bit(image)
                 image = prepare_image(image, size, cfg.crop, cfg.resize_filter)
             except Exception as e:  # any decoder error, or over the pixel limit: skip, report it in the manifest
-                reason = "too_large" if isinstance(e, ImageTooLargeError) else "undecodable"
+                reason = ("too_large" if isinstance(e, ImageTooLargeError) else
+                          "wrong_size" if isinstance(e, CropError) else "undecodable")
                 skipped.append({"origin": item.origin, "error": f"{type(e).__name__}: {e}", "reason": reason})
                 log.warning("skipping %s input %s: %s", "oversize" if reason == "too_large" else "undecodable",
                             item.origin, e)

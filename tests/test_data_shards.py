@@ -210,3 +210,37 @@ def test_prepare_data_cli_errors_are_one_line(tmp_path):
                            capture_output=True, text=True, env=env)
         assert r.returncode == 2, r.stderr
         assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_celeba_box_crop_is_nvae_face_box_and_loaders_refuse_other_crops(tmp_path):
+    """crop=celeba_box cuts rows 40..187 and columns 15..162 of a 178x218 frame (NVAE's CelebA-64 box), computed here
+    by array slicing; other sizes are skipped and counted; the celeba64 dataset config refuses center-cropped shards."""
+    from skimage.data import astronaut
+
+    from data_pipelines import DatasetConfig, LoaderConfig, build_loader
+
+    frames = [np.asarray(Image.fromarray(astronaut()).resize((178, 218)))[..., :3] for _ in range(2)]
+    frames[1] = np.ascontiguousarray(frames[1][::-1])  # a second, different frame
+    for i, frame in enumerate(frames):
+        _write_image(tmp_path / "src" / f"{i}.png", frame)
+    _write_image(tmp_path / "src" / "odd.png", astronaut()[:100, :100])  # not a CelebA frame
+    cfg = PrepareConfig(source=str(tmp_path / "src"), out=str(tmp_path / "box"), size=64, crop="celeba_box",
+                        max_bad_fraction=0.5)
+    manifest = build_dataset(cfg, progress=False)
+    assert manifest.num_samples == 2 and manifest.preprocessing["crop"] == "celeba_box"
+    assert [s["reason"] for s in manifest.skipped_inputs] == ["wrong_size"]
+    reader = ShardReader(tmp_path / "box")
+    for i, frame in enumerate(frames):
+        by_hand = Image.fromarray(frame[40:188, 15:163]).resize((64, 64), Image.Resampling.LANCZOS)
+        np.testing.assert_array_equal(_decoded(reader, i)[0], np.asarray(by_hand))
+    center = tmp_path / "center"
+    build_dataset(PrepareConfig(source=str(tmp_path / "src"), out=str(center), size=64, max_bad_fraction=0.5),
+                  progress=False)
+    loader_cfg = LoaderConfig(batch_size=2, num_workers=0, backend="torch")
+    for path, ok in ((tmp_path / "box", True), (center, False)):
+        dataset = DatasetConfig(name="celeba64", path=str(path), expect_crop="celeba_box")
+        if ok:
+            build_loader(dataset, loader_cfg, rank=0, world_size=1, seed=0).close()
+        else:
+            with pytest.raises(DataConfigError, match="crop=celeba_box"):
+                build_loader(dataset, loader_cfg, rank=0, world_size=1, seed=0)

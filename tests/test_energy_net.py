@@ -25,7 +25,15 @@ TABLE7 = {
     "celebahq256": (64, [(64, True), (64, False), (128, True), (128, True), (128, False), (256, True), (256, False),
                          (256, True), (256, False), (512, True), (512, False)]),
 }
-RESOLUTION = {"cifar10": 32, "celeba64": 64, "lsun_church64": 64, "celebahq256": 256}
+# The official code's nets (VAEBM ebm_models.py, EBM_CelebA64 / EBM_CelebA256): (width, down-samples) per block.
+OFFICIAL = {
+    "celeba64_official": (64, [(64, True), (64, False), (128, True), (128, False), (128, True), (256, False),
+                               (256, True), (256, False)]),
+    "celebahq256_official": (64, [(64, True), (64, False), (128, True), (128, False), (128, True), (128, False),
+                                  (256, True), (256, False), (256, True), (256, False), (512, True), (512, False)]),
+}
+RESOLUTION = {"cifar10": 32, "celeba64": 64, "lsun_church64": 64, "celebahq256": 256, "celeba64_official": 64,
+              "celebahq256_official": 256}
 
 
 def _structure(net: EnergyNet):
@@ -33,11 +41,12 @@ def _structure(net: EnergyNet):
     return net.stem.out_channels, blocks
 
 
-@pytest.mark.parametrize("name", sorted(TABLE7))
+@pytest.mark.parametrize("name", sorted({**TABLE7, **OFFICIAL}))
 def test_presets_match_table7_and_run_at_their_resolution(name):
     cfg = energy_preset(name)
     assert cfg.image_size == RESOLUTION[name]
-    meta = name == "celebahq256"  # a 256x256 forward on CPU is slow: check shapes on the meta device
+    assert cfg.swish == ("swish_official" if name in OFFICIAL else "swish")
+    meta = cfg.image_size == 256  # a 256x256 forward on CPU is slow: check shapes on the meta device
     with torch.device("meta" if meta else "cpu"):
         net = EnergyNet(cfg)
         x = torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1
@@ -45,7 +54,7 @@ def test_presets_match_table7_and_run_at_their_resolution(name):
         net.blocks[-1].register_forward_hook(lambda m, i, o: features.append(o.shape))
         energy = net(x)
     stem, blocks = _structure(net)
-    assert (stem, blocks) == TABLE7[name]
+    assert (stem, blocks) == {**TABLE7, **OFFICIAL}[name]
     assert energy.shape == (2,)
     assert net.head.in_features == blocks[-1][0] and net.head.out_features == 1
     downs = sum(d for _, d in blocks)
@@ -308,9 +317,45 @@ def test_conf_presets_are_diffs_over_the_defaults():
     assert energy_preset("cifar10") == EnergyNetConfig()
     defaults = dataclasses.asdict(EnergyNetConfig())
     files = sorted((pathlib.Path(__file__).resolve().parents[1] / "conf" / "energy").glob("*.yaml"))
-    assert {p.stem for p in files} == {*TABLE7, "mlp"}
+    assert {p.stem for p in files} == {*TABLE7, *OFFICIAL, "mlp"}
     for path in files:
         diff = yaml.safe_load(path.read_text()) or {}
         assert all(defaults[k] != v for k, v in diff.items()), f"{path.name} repeats a default"
     with pytest.raises(KeyError, match="unknown energy preset"):
         energy_preset("cifar100")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_energy_reads_pixels_in_fp32(autocast):
+    """Two images that differ by 5e-4 near 0.5 (below bf16's 2^-8 spacing there) are one image once cast to bf16;
+    the energy's first layer reads fp32 pixels, so a bf16 network (or an fp32 one under bf16 autocast) still tells
+    them apart, and its first layer's output matches the fp32 convolution of the fp32 pixels with its own weights."""
+    torch.manual_seed(0)
+    cfg = EnergyNetConfig(arch="cifar10", image_size=32, base_channels=8)
+    net = EnergyNet(cfg).eval()
+    if not autocast:
+        net = net.to(torch.bfloat16)
+    x = torch.full((1, 3, 32, 32), 0.5005)
+    x2 = x.clone()
+    x2[..., 16, 16] += 5e-4
+    assert torch.equal(x.bfloat16(), x2.bfloat16())  # the two images are one image in bf16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        stem = net.stem(x2)
+        assert not torch.equal(net.stem(x), stem), "the first layer saw bf16-rounded pixels"
+    x_grad = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        net(x_grad).sum().backward()
+    assert x_grad.grad.dtype == torch.float32 and x_grad.grad.abs().sum() > 0  # Langevin's gradient in fp32
+    w = net.stem.normalized_weight().float()
+    want = F.conv2d(x2, w, net.stem.bias.float(), padding=1)
+    assert stem.dtype == (torch.float32 if autocast else torch.bfloat16)
+    torch.testing.assert_close(stem.float(), want.to(stem.dtype).float(), rtol=0, atol=0)
+
+
+def test_mlp_energy_first_layer_reads_fp32_inputs():
+    net = EnergyNet(EnergyNetConfig(arch="mlp", data_dim=2, hidden=16, num_layers=2)).to(torch.bfloat16)
+    x = torch.tensor([[0.5005, 0.25]])
+    x2 = x + torch.tensor([[5e-4, 0.0]])
+    assert torch.equal(x.bfloat16(), x2.bfloat16())
+    with torch.no_grad():
+        assert not torch.equal(net.hidden_layers[0](x), net.hidden_layers[0](x2))

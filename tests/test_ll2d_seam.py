@@ -197,7 +197,7 @@ def _pre_seam_negatives(m: VAEBMMethod, batch_size: int):
     state = join_state(eps_x.to(device), [e.to(device) for e in eps_z])
     s = m.config.sampler
     potential = make_vaebm_potential(m.backbone, m.energy_fp32, mode=s.target, temperature=s.temperature,
-                                     use_mean=s.use_mean)
+                                     use_mean=s.chain_use_mean)
     result = run_langevin(potential, state, s.langevin, generator=noise_gen)
     with torch.no_grad():
         x_neg = decode(m.backbone, result.state, m.config.sampler.temperature, m.config.sampler.use_mean)

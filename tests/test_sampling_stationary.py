@@ -113,10 +113,10 @@ def test_exact_target_on_mlp_vae_backbone():
     assert_moments(chains(vae, "exact", seed=1), mean, ula_covariance(prec, ETA))
 
 
-def test_reference_target_shifts_by_log_sigma_terms_and_exact_does_not():
+def test_joint_target_shifts_by_log_sigma_terms_and_exact_does_not():
     """Heteroscedastic decoder, energy on the decoder mean (so the target stays Gaussian in ε).
 
-    reference adds −log p(z) − log p(x|z) = ½‖ε‖² + Σ log σ_z + 1ᵀ(W z + c) + const, i.e. the linear term
+    joint adds −log p(z) − log p(x|z) = ½‖ε‖² + Σ log σ_z + 1ᵀ(W z + c) + const, i.e. the linear term
     (σ_z ∘ Wᵀ1)ᵀ ε_z, which moves the mean by −P⁻¹ g; exact mode has no such term.
     """
     backbone = LinearGaussianVAE(heteroscedastic=True)
@@ -125,13 +125,13 @@ def test_reference_target_shifts_by_log_sigma_terms_and_exact_does_not():
     x0 = A.double().numpy() @ MU_Z.double().numpy() + B_X.double().numpy()
     g = np.concatenate([np.zeros(2), sz * W_LOG_SIGMA.double().numpy().sum(0)])
     mean_exact, prec = gaussian_target(j, x0)
-    mean_ref, _ = gaussian_target(j, x0, linear=g)
+    mean_joint, _ = gaussian_target(j, x0, linear=g)
     cov = ula_covariance(prec, ETA)
     exact = chains(backbone, "exact", use_mean=True, seed=2)
-    reference = chains(backbone, "reference", use_mean=True, seed=3)
+    joint = chains(backbone, "joint", use_mean=True, seed=3)
     assert_moments(exact, mean_exact, cov)
-    assert_moments(reference, mean_ref, cov)
-    shift = np.abs(mean_ref - mean_exact)
+    assert_moments(joint, mean_joint, cov)
+    shift = np.abs(mean_joint - mean_exact)
     assert shift.max() > 50 * np.sqrt(cov.diagonal().max() / CHAINS)  # the shift is far outside MC error
     with pytest.raises(AssertionError):
-        assert_moments(reference, mean_exact, cov)
+        assert_moments(joint, mean_exact, cov)

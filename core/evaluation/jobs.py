@@ -271,7 +271,9 @@ def run_fid(config: EvaluateConfig, info, model, uri: str) -> tuple[list[dict], 
     from data_pipelines import dataset_manifest_hash
 
     inception = load_inception(dataclasses.replace(config.inception, device=str(info.device)))
-    dataset = _fit_dataset(config.dataset_config(), _x_shape(model))
+    # The reference statistics come from the real 8-bit images whatever bit depth a backbone was trained on
+    # (CelebA-HQ-256: 5 bits for NVAE, 8-bit images for VAEBM's FID).
+    dataset = dataclasses.replace(_fit_dataset(config.dataset_config(), _x_shape(model)), num_bits=8)
     key = (f"{dataset_manifest_hash(dataset)}-r{dataset.resolution or 'native'}-c{dataset.channels}"
            f"-b{dataset.num_bits}-n{config.fid_reference_samples or 'all'}")
     ref = reference_stats(_LazyBatches(lambda: _images(dataset, config.fid_reference_samples, config.batch_size,

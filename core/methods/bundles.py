@@ -26,7 +26,7 @@ class SampleOptions:
     steps: int | None = None  # MCMC steps (energy-based kinds); None: the model's test-time length; 0: the baseline
     step_size: float | None = None  # MCMC step size; None: as trained
     temperature: float | None = None  # prior temperature; None: as trained (1.0 for a plain VAE)
-    use_mean: bool | None = None  # images are the decoder mean (True) or a decoder sample (False); None: as trained
+    use_mean: bool | None = None  # images are the decoder mean (True) or a decoder sample (False); None: the mean
     init: str = "normal"  # normal: chains start at eps ~ N(0, I) | low_temperature: encoded low-temperature samples
     init_temperature: float = 0.7  # temperature of those samples
     bn_iterations: int = 20  # BN re-estimation passes for low_temperature init

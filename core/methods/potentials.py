@@ -8,22 +8,28 @@ The state layout is [eps_x, eps_z_1, ..., eps_z_L] (coarsest group first, as the
 
 - "exact" (default, DESIGN.md): U = E_ψ(T(ε)) + ½‖ε_x‖² + ½Σ_l‖ε_z,l‖², the base distribution of vaebm.md Eq. 9,
   derived in App. B (Eq. 14-20): the Jacobian of T cancels against that of T⁻¹, so no log σ terms appear.
-- "reference" (the official code's target): U = E_ψ(x) − log p(z) − log p(x|z) at (x, z) = T(ε). In ε this is
-  the exact potential plus Σ log σ_z,l(z_<l) + Σ log σ_x(z) (+ constants), i.e. it samples the VAEBM density with
-  an extra factor 1/|det J_T|. Offered for comparison with published numbers, never as a default.
+- "joint": U = E_ψ(x) − log p(z) − log p(x|z) at (x, z) = T(ε). In ε this is the exact potential plus
+  Σ log σ_z,l(z_<l) + Σ log σ_x(z) (+ constants), i.e. it samples the VAEBM density with an extra factor
+  1/|det J_T|.
+- "reference": what the official VAEBM code computes, for comparison with published numbers: the "joint" target
+  with the decoder sample clamped to [-1, 1] (E_ψ and log p(x|z) see the clamped pixels; x- too) and the decoder's
+  log σ_x floored at −2 inside log p(x|z) only (σ_x = max(σ, e^-2 + min_sigma) there; the sample keeps the
+  unfloored σ). On a sharp decoder the floor shrinks the ε_x drift by σ²/σ_floor². Never a default.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal
 
 import torch
 
-from core.models.distributions import sum_except_batch
+from core.models.distributions import DiagNormal, sum_except_batch
 from core.models.interface import NoiseSpaceBackbone
 from core.sampling.langevin import Potential, frozen
 
-TargetMode = Literal["exact", "reference"]
-TARGET_MODES: tuple[str, ...] = ("exact", "reference")
+TargetMode = Literal["exact", "joint", "reference"]
+TARGET_MODES: tuple[str, ...] = ("exact", "joint", "reference")
+REFERENCE_LOG_SIGMA_FLOOR = -2.0  # the official code's floor on the decoder's log-scale inside log p(x|z)
 
 
 def join_state(eps_x: torch.Tensor, eps_z: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -48,11 +54,12 @@ def make_vaebm_potential(backbone: NoiseSpaceBackbone, energy_fn: Callable[[torc
 
     backbone: frozen noise-space VAE; T(ε) = backbone.generate(eps_z, eps_x, temperature) (vaebm.md Eq. 8, 11).
     energy_fn: E_ψ, maps a batch of x to (batch,) (or (batch, 1)) energies.
-    mode: "exact" (default) or "reference" (official code, adds Σ log σ; see module docstring).
+    mode: "exact" (default), "joint" (adds Σ log σ) or "reference" (the official code); see the module docstring.
     temperature: prior temperature t of T_z (z_l = μ_l + t·σ_l·ε_l); the Gaussian terms stay ½‖ε‖² in exact mode.
     use_mean: E_ψ sees the decoder mean μ_x(z) ("negatives from the decoder mean") instead of the sample
         μ_x(z) + σ_x(z)·ε_x. ε_x stays in the state with its N(0, I) term (and, in reference mode, log p(x|z) is
         still taken at the sample, as the official code does), so its chain remains a proper N(0, I) diffusion.
+        The official code scores the sample (use_mean=False) during its chains.
 
     Backbone and energy parameters are frozen (requires_grad=False) while U runs, so a Langevin step backpropagates
     to the state only; the flags are restored afterwards (the energy net is the one being trained).
@@ -60,19 +67,25 @@ def make_vaebm_potential(backbone: NoiseSpaceBackbone, energy_fn: Callable[[torc
     if mode not in TARGET_MODES:
         raise ValueError(f"unknown target mode {mode!r}; expected one of {TARGET_MODES}")
 
+    sigma_floor = math.exp(REFERENCE_LOG_SIGMA_FLOOR) + getattr(getattr(backbone, "config", None), "min_sigma", 1e-2)
+
     def potential(state: list[torch.Tensor]) -> torch.Tensor:
         eps_x, eps_z = split_state(state)
         with frozen(backbone, energy_fn):
             x, tower = backbone.generate(eps_z, eps_x, temperature)  # vaebm.md Eq. 8
+            if mode == "reference":
+                x = x.clamp(-1.0, 1.0)  # the official decoder sample is clamped to the pixel range
             x_e = tower.x_dist.mu if use_mean else x
             energy = energy_fn(x_e).float().reshape(x_e.shape[0])
             if mode == "exact":  # vaebm.md Eq. 9 / Eq. 20: E_ψ(T(ε)) − log p_ε(ε)
                 return energy + _half_sq_norm(eps_x) + sum(_half_sq_norm(e) for e in eps_z)
-            # Official target: E_ψ(x) − log p(z) − log p(x|z), both log-densities at the reparameterized sample,
-            # evaluated in fp32 (log σ and squared residuals lose digits in bf16).
+            # E_ψ(x) − log p(z) − log p(x|z), both log-densities at the reparameterized sample, evaluated in fp32
+            # (log σ and squared residuals lose digits in bf16).
             log_pz = sum(sum_except_batch(g.prior.to(torch.float32).log_prob(g.z.float())) for g in tower.groups)
-            log_px_z = sum_except_batch(tower.x_dist.to(torch.float32).log_prob(x.float()))
-            return energy - log_pz - log_px_z
+            p_x = tower.x_dist.to(torch.float32)
+            if mode == "reference":
+                p_x = DiagNormal(p_x.mu, p_x.sigma.clamp(min=sigma_floor))
+            return energy - log_pz - sum_except_batch(p_x.log_prob(x.float()))
 
     return potential
 

@@ -52,8 +52,9 @@ class EBMOptimConfig(OptimConfig):
 @dataclass
 class SamplerConfig:
     langevin: LangevinConfig = field(default_factory=LangevinConfig)  # training chains (Table 8: steps, step size)
-    target: str = "exact"  # exact: E(T(eps)) + |eps|^2/2 (vaebm.md Eq. 9) | reference: the official code's target
-    use_mean: bool = False  # negatives from the decoder mean mu(z) instead of a decoder sample
+    target: str = "exact"  # exact: E(T(eps)) + |eps|^2/2 (vaebm.md Eq. 9) | joint | reference (core.methods.potentials)
+    use_mean: bool = False  # CD negatives x- are decoder means mu(z), not samples (the official --use_mu_cd)
+    chain_use_mean: bool = False  # E sees mu(z) during the Langevin chain too (official: the decoder sample)
     temperature: float = 1.0  # prior temperature inside T_z
     test_steps: int = 16  # chain length for sample grids and the sampling job (16/20/24 in App. E)
     persistent: bool = False  # eps_z chains start from the replay buffer with probability p (Table 8 "Persistent")
@@ -132,25 +133,37 @@ def sir_chain_start(backbone, energy_fn: Callable[[torch.Tensor], torch.Tensor],
 
 def langevin_negatives(backbone, energy_fn: Callable[[torch.Tensor], torch.Tensor], state: list[torch.Tensor],
                        langevin: LangevinConfig, generator: torch.Generator | None, target: str = "exact",
-                       temperature: float = 1.0, use_mean: bool = False) -> tuple[torch.Tensor, LangevinResult]:
+                       temperature: float = 1.0, use_mean: bool = False,
+                       chain_use_mean: bool | None = None) -> tuple[torch.Tensor, LangevinResult]:
     """eps-space Langevin from `state` on U(eps) = E(T(eps)) + |eps|^2/2 (vaebm.md Eq. 9; `target`, see
-    make_vaebm_potential), then x- = T(eps) (Eq. 8). Returns (x-, the chains)."""
-    potential = make_vaebm_potential(backbone, energy_fn, mode=target, temperature=temperature, use_mean=use_mean)
+    make_vaebm_potential), then x- = T(eps) (Eq. 8). Returns (x-, the chains).
+
+    Decoder sample or mean, in one place: during the chain E sees the decoder mean mu(z) if `chain_use_mean` (None:
+    as `use_mean`) else the sample mu(z) + sigma(z) eps_x; the returned x- is the mean if `use_mean`. The official
+    VAEBM code scores the sample during the chain and, with --use_mu_cd, takes the mean for the CD negatives only
+    (SamplerConfig: use_mean=true, chain_use_mean=false); images shown or scored (grids, the sampling job, FID) are
+    decoder means, as the official sampler saves them."""
+    chain_use_mean = use_mean if chain_use_mean is None else chain_use_mean
+    potential = make_vaebm_potential(backbone, energy_fn, mode=target, temperature=temperature,
+                                     use_mean=chain_use_mean)
     result = run_langevin(potential, state, langevin, generator=generator)
     with torch.no_grad():
         x_neg = decode(backbone, result.state, temperature, use_mean)
+        if target == "reference" and not use_mean:
+            x_neg = x_neg.clamp(-1.0, 1.0)  # the official decoder sample
     return x_neg, result
 
 
 class CastingEnergy(torch.nn.Module):
-    """E(x) in fp32 for inputs of any dtype: the energy net may hold bf16/fp16 weights under the engine."""
+    """E(x) as fp32 energies from fp32 pixels: the energy net may hold bf16/fp16 weights under the engine, and its
+    first layer reads fp32 inputs whatever its dtype (core.models.energy.PixelWNConv2d)."""
 
     def __init__(self, energy: torch.nn.Module):
         super().__init__()
         self.energy = energy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.energy(x.to(next(self.energy.parameters()).dtype)).float()
+        return self.energy(x.float()).float()
 
 
 
@@ -225,7 +238,7 @@ class VAEBMMethod(Method):
             return join_state(*self.backbone.sample_noise(n, generator=init_gen, device=torch.device("cpu")))
 
         init = sir_chain_start(self.backbone, self.energy_fp32, propose, batch_size, s.init_candidates, init_gen,
-                               s.init_resampling, s.temperature, s.use_mean, s.langevin.autocast)
+                               s.init_resampling, s.temperature, s.chain_use_mean, s.langevin.autocast)
         eps_x, eps_z = split_state(init.state)
         replayed = torch.zeros(batch_size, dtype=torch.bool)
         if self.buffer is not None:  # vaebm.md App. E: eps_z replayed with probability p, eps_x always fresh
@@ -237,14 +250,13 @@ class VAEBMMethod(Method):
                 torch.where(replayed.view(-1, *[1] * (r.dim() - 1)), r, e) for r, e in zip(buffered, eps_z)]
         state = join_state(eps_x.to(device), [e.to(device) for e in eps_z])
         x_neg, result = langevin_negatives(self.backbone, self.energy_fp32, state, s.langevin, noise_gen, s.target,
-                                           s.temperature, s.use_mean)
+                                           s.temperature, s.use_mean, s.chain_use_mean)
         return x_neg, split_state(result.state)[1], result, replayed
 
     def loss(self, net: Callable[..., torch.Tensor], batch: dict[str, Any], nimg: int):
         x_pos = batch["x"].to(self.ctx.device, non_blocking=True).float()
         x_neg, eps_z, chain, replayed = self.negatives(x_pos.shape[0])
-        dtype = next(self.energy.parameters()).dtype
-        e_pos, e_neg = net(torch.cat([x_pos, x_neg]).to(dtype)).float().chunk(2)
+        e_pos, e_neg = net(torch.cat([x_pos, x_neg])).float().chunk(2)  # fp32 pixels into any engine dtype
         terms = vaebm_loss(e_pos, e_neg, self.energy.spectral_penalty().float(), self.config.objective.alpha_s)
         if self.buffer is not None:
             self.buffer.push(eps_z)
@@ -270,13 +282,13 @@ class VAEBMMethod(Method):
         gen = torch.Generator(device=device).manual_seed(derive_seed(self.ctx.seed, _TEST_CHAIN_STREAM))
         x, result = langevin_negatives(self.backbone, self.energy_fp32,
                                        join_state(eps_x.to(device), [e.to(device) for e in eps_z]), lcfg, gen,
-                                       s.target, s.temperature, s.use_mean)
+                                       s.target, s.temperature, use_mean=True, chain_use_mean=s.chain_use_mean)
         tag = f"nimg-{nimg:012d}"
         paths = [out_dir / f"{tag}-samples.png", out_dir / f"{tag}-chains.png", out_dir / f"{tag}-energies.png"]
         with torch.no_grad():
             save_grid(x, paths[0])
             rows = min(8, len(x))
-            frames = [decode(self.backbone, [t[:rows] for t in snap], s.temperature, s.use_mean)
+            frames = [decode(self.backbone, [t[:rows] for t in snap], s.temperature, use_mean=True)
                       for snap in result.snapshots]
             save_grid(torch.stack(frames, dim=1).flatten(0, 1), paths[1], nrow=len(frames))
             e_neg = self.energy_fp32(x).cpu()
@@ -325,6 +337,7 @@ class VAEBMModel(TrainedModel):
         energy = EnergyNet(EnergyNetConfig(**bundle["energy"]))
         energy.load_state_dict(sub_state(weights, "energy"), strict=True)
         s = dict(bundle["sampler"])
+        s.setdefault("chain_use_mean", s.get("use_mean", False))  # models published before the two were separate
         sampler = SamplerConfig(**{**s, "langevin": LangevinConfig(**s["langevin"])})
         return cls(backbone, energy, sampler)
 
@@ -346,13 +359,13 @@ class VAEBMModel(TrainedModel):
         o = options or SampleOptions()
         s = self.sampler
         t = s.temperature if o.temperature is None else o.temperature
-        use_mean = s.use_mean if o.use_mean is None else o.use_mean
+        use_mean = True if o.use_mean is None else o.use_mean  # images are decoder means unless asked otherwise
         steps = s.test_steps if o.steps is None else o.steps
         lcfg = dataclasses.replace(s.langevin, num_steps=steps, step_size=o.step_size or s.langevin.step_size,
                                    record_every=max(steps // o.strip_frames, 1) if o.strip_frames else 0)
         init = chain_start(self.backbone, n, generator, o.init, o.init_temperature, o.bn_iterations)
         images, result = langevin_negatives(self.backbone, self.energy_net, init, lcfg, generator, s.target, t,
-                                            use_mean)
+                                            use_mean, s.chain_use_mean)
         with torch.no_grad():
             frames = [decode(self.backbone, snap, t, use_mean) for snap in result.snapshots] or None
         return Samples(images, frames)

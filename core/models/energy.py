@@ -9,6 +9,7 @@ the spectral *regularizer* (`spectral_penalty`, coefficient alpha_s = 0.2, 0.3 o
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -31,12 +32,20 @@ TABLE7_BLOCKS: dict[str, tuple[tuple[int, bool], ...]] = {
     "celebahq256": ((1, True), (1, False), (2, True), (2, True), (2, False), (4, True), (4, False), (4, True),
                     (4, False), (8, True), (8, False)),
 }
-ARCHS = (*TABLE7_BLOCKS, "mlp")
+# The official code's nets for CelebA-64 and CelebA-HQ-256 (ebm_models.py), behind the published FIDs: one more
+# block than Table 7 each, with different down-sampling positions.
+OFFICIAL_BLOCKS: dict[str, tuple[tuple[int, bool], ...]] = {
+    "celeba64_official": ((1, True), (1, False), (2, True), (2, False), (2, True), (4, False), (4, True), (4, False)),
+    "celebahq256_official": ((1, True), (1, False), (2, True), (2, False), (2, True), (2, False), (4, True),
+                             (4, False), (4, True), (4, False), (8, True), (8, False)),
+}
+ARCH_BLOCKS = {**TABLE7_BLOCKS, **OFFICIAL_BLOCKS}
+ARCHS = (*ARCH_BLOCKS, "mlp")
 
 
 @dataclass
 class EnergyNetConfig:
-    arch: str = "cifar10"  # "cifar10" | "celeba64" | "lsun_church64" | "celebahq256" (Table 7) | "mlp" (2-D data)
+    arch: str = "cifar10"  # Table 7: cifar10 | celeba64 | lsun_church64 | celebahq256; OFFICIAL_BLOCKS; mlp (2-D)
     image_size: int = 32  # height = width of the input images; forward rejects other sizes (unused for mlp)
     in_channels: int = 3  # image channels
     base_channels: int = 128  # stem width; Table 7 widths are 1x/2x/4x/8x this (official n_channel: 128 CIFAR, else 64)
@@ -61,7 +70,7 @@ class EnergyNetConfig:
         else:
             if min(self.in_channels, self.base_channels) < 1:
                 raise ValueError("in_channels and base_channels must be >= 1")
-            downs = sum(down for _, down in TABLE7_BLOCKS[self.arch])
+            downs = sum(down for _, down in ARCH_BLOCKS[self.arch])
             if self.image_size % (2 ** downs) != 0:
                 raise ValueError(f"{self.arch} down-samples {downs} times: image_size must be a multiple of "
                                  f"{2 ** downs}, got {self.image_size}")
@@ -80,10 +89,41 @@ class EnergyNetConfig:
         if self.arch == "mlp":
             return self.num_layers + 1  # hidden layers + head
         count, mult_in = 1, 1  # stem
-        for mult, down in TABLE7_BLOCKS[self.arch]:
+        for mult, down in ARCH_BLOCKS[self.arch]:
             count += 2 + (mult != mult_in or down)  # conv1, conv2, and the 1x1 shortcut where EnergyResBlock has one
             mult_in = mult
         return count + 1  # head
+
+
+def _fp32_pixels(layer: WNConv2d | WNLinear, op: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]):
+    """Run `op(weight, bias)` in fp32 whatever the parameter dtype or autocast; the result in the parameter dtype
+    (left fp32 under autocast, which casts it for the next layer)."""
+    device = layer.weight.device.type
+    autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)  # (no autocast on "meta")
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+        h = op(layer.normalized_weight().float(), None if layer.bias is None else layer.bias.float())
+    return h if autocast else h.to(layer.weight.dtype)
+
+
+class PixelWNConv2d(WNConv2d):
+    """The energy's first conv: it reads pixels in fp32 even when the net holds bf16 weights or runs under autocast.
+
+    bf16 carries 8 significant bits, so casting x in [-1, 1] to bf16 moves a pixel in [0.5, 1) by up to 2^-9, a
+    quarter of an 8-bit level (2/255), on every positive and at every Langevin step (and Langevin moves smaller than
+    the spacing vanish). Past this layer the features run in the engine's
+    dtype. Same parameters (and state-dict keys) as WNConv2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fp32_pixels(self, lambda w, b: F.conv2d(x.float(), w, b, self.stride, self.padding, self.dilation,
+                                                        self.groups))
+
+
+class PixelWNLinear(WNLinear):
+    """The mlp energy's first layer, fp32 on its inputs like `PixelWNConv2d`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fp32_pixels(self, lambda w, b: F.linear(x.float(), w, b))
 
 
 class EnergyNet(nn.Module):
@@ -97,14 +137,16 @@ class EnergyNet(nn.Module):
         wn = config.weight_norm
         if config.arch == "mlp":
             widths = [config.data_dim] + [config.hidden] * config.num_layers
-            self.hidden_layers = nn.ModuleList(WNLinear(a, b, weight_norm=wn) for a, b in zip(widths, widths[1:]))
+            self.hidden_layers = nn.ModuleList(
+                (PixelWNLinear if i == 0 else WNLinear)(a, b, weight_norm=wn)
+                for i, (a, b) in enumerate(zip(widths, widths[1:])))
             self.head = WNLinear(config.hidden, 1, weight_norm=wn)
             penalized = list(self.hidden_layers)  # the MLP's analogue of "every conv" (the head is left out too)
         else:
             c = config.base_channels
-            self.stem = WNConv2d(config.in_channels, c, 3, padding=1, weight_norm=wn)
+            self.stem = PixelWNConv2d(config.in_channels, c, 3, padding=1, weight_norm=wn)
             blocks, c_in = [], c
-            for mult, down in TABLE7_BLOCKS[config.arch]:
+            for mult, down in ARCH_BLOCKS[config.arch]:
                 blocks.append(EnergyResBlock(c_in, mult * c, down, swish=config.swish, weight_norm=wn))
                 c_in = mult * c
             self.blocks = nn.ModuleList(blocks)

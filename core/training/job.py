@@ -102,8 +102,9 @@ def _ensure_backbone(config, info: vdist.DistInfo, tracker: Tracker, run_dir: Pa
     nested, nested_resolved, nested_overrides = compose_job(
         [f"method={config.backbone_method}", f"experiment={config.backbone_experiment}",
          *inherited_overrides(overrides), *config.backbone_overrides, f"run.dir={run_dir / 'backbone'}"])
-    # The same data as this run, whatever the backbone's preset says (its own checks still apply).
-    nested.dataset = dataclasses.replace(config.dataset)
+    # The same data as this run, whatever the backbone's preset says (its own checks still apply), at the backbone's
+    # own bit depth (CelebA-HQ-256: NVAE trains on 5 bits, VAEBM's energy sees 8).
+    nested.dataset = dataclasses.replace(config.dataset, num_bits=nested.dataset.num_bits)
     nested_resolved["dataset"] = dataclasses.asdict(config.dataset)
     nested.tracking = config.tracking
     nested.validate()
