@@ -152,11 +152,11 @@ def test_energy_training_returns_the_best_validated_weights(tiny_vae_and_split):
     proto = Toy2DProtocol(**{**SHORT, "ebm_steps": 30, "eval_every": 5, "ebm_lr": 3e-3, "init_candidates": 4})
     scorer = ValidationScorer(vae, val, proto)
     energy = train_energy(vae, train, proto, scorer)
-    steps = [s for s, _ in scorer.history]
+    steps = [s for s, _ in scorer.best.history]
     assert steps == [5, 10, 15, 20, 25, 30]
-    assert scorer.best_score == max(v for _, v in scorer.history)
-    assert scorer.best_step in steps
-    assert scorer.score(energy) == pytest.approx(scorer.best_score, abs=1e-9)
+    assert scorer.best.score == max(v for _, v in scorer.best.history)
+    assert scorer.best.step in steps
+    assert scorer.score(energy) == pytest.approx(scorer.best.score, abs=1e-9)
 
 
 class _PeriodicWells(torch.nn.Module):

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from core.evaluation.ll2d_seam import BestState, load_or_train
 from core.evaluation.toy2d import NegativePhase, Toy2DProtocol, ValidationScorer, run_ll2d, vaebm_log_density
 from core.methods.base import MethodContext
 from core.methods.potentials import decode, join_state, make_vaebm_potential, split_state
@@ -255,3 +256,30 @@ def test_sir_fields_are_validated(sampler, match):
         setattr(cfg.sampler, k, v)
     with pytest.raises(ValueError, match=match):
         cfg.validate(None)
+
+
+def test_best_state_keeps_the_best_finite_weights_and_restores_them():
+    net = torch.nn.Linear(2, 1)
+    best = BestState()
+    for step, score in ((1, -3.0), (2, -1.0), (3, float("nan")), (4, -2.0)):
+        with torch.no_grad():
+            net.weight.fill_(float(step))
+        best.consider(step, score, net)
+    assert (best.step, best.score) == (2, -1.0) and [s for s, _ in best.history] == [1, 2, 3, 4]
+    best.restore(net)
+    assert torch.equal(net.weight, torch.full((1, 2), 2.0))
+
+
+def test_load_or_train_caches_and_retrains_a_stale_blob(tmp_path):
+    calls = []
+
+    def train() -> dict:
+        calls.append(1)
+        return {"state": {"w": torch.ones(2)}, "info": {"val_best_step": 3.0}}
+
+    path = tmp_path / "row.pt"
+    torch.save({"w": torch.zeros(2)}, path)  # a blob of an earlier layout: no "state"/"info"
+    first = load_or_train(path, train, required=("state", "info"))
+    again = load_or_train(path, train, required=("state", "info"))
+    assert len(calls) == 1 and torch.equal(again["state"]["w"], first["state"]["w"])
+    assert again["info"]["val_best_step"] == 3.0

@@ -18,7 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from test_train_nvae import ROOT, _deepspeed, _env, _final_weights, _finish, _free_port
+from launch import ROOT, deepspeed, finish, free_port, launch_env
+from test_train_nvae import _final_weights
 
 # 2 CPU ranks x 4 images: long enough to be interrupted mid-run, a periodic checkpoint every 160 images.
 ARGS = ["experiment=quickstart", "nvae.image_size=16", "nvae.num_channels_enc=8", "nvae.num_channels_dec=8",
@@ -57,7 +58,7 @@ def _preempt_and_resume(tmp_path: Path, run: Path, proc: subprocess.Popen, targe
     assert (run / "checkpoints").joinpath(f"nimg-{nimg:012d}").is_dir()
     assert (run / "checkpoints" / "latest").read_text().strip() == f"nimg-{nimg:012d}"
 
-    resumed = _finish(_deepspeed([*ARGS, f"run.dir={run}"], tmp_path, None))
+    resumed = finish(deepspeed([*ARGS, f"run.dir={run}"], tmp_path, None))
     assert f"resuming from nimg-{nimg:012d}" in resumed
     weights = _final_weights(run)
     assert all(torch.equal(reference[k], weights[k]) for k in reference), "resume after preemption is not exact"
@@ -66,16 +67,16 @@ def _preempt_and_resume(tmp_path: Path, run: Path, proc: subprocess.Popen, targe
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
-    _finish(_deepspeed([*ARGS, f"run.dir={tmp / 'run'}"], tmp, None))
+    finish(deepspeed([*ARGS, f"run.dir={tmp / 'run'}"], tmp, None))
     return _final_weights(tmp / "run")
 
 
 @pytest.mark.integration
 def test_sigterm_to_the_launch_script_checkpoints_every_rank_and_resumes_exactly(tmp_path, uninterrupted):
     run = tmp_path / "run"
-    env = dict(_env(tmp_path, None), VAEBM_NNODES="1", VAEBM_GPUS_PER_NODE="2",
+    env = dict(launch_env(tmp_path, None), VAEBM_NNODES="1", VAEBM_GPUS_PER_NODE="2",
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    proc = subprocess.Popen(["bash", str(ROOT / "k8s/base/launch-deepspeed.sh"), "--master_port", str(_free_port()),
+    proc = subprocess.Popen(["bash", str(ROOT / "k8s/base/launch-deepspeed.sh"), "--master_port", str(free_port()),
                              str(ROOT / "launchers/train_nvae.py"), *ARGS, f"run.dir={run}"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     _preempt_and_resume(tmp_path, run, proc, proc.pid, uninterrupted)
@@ -86,8 +87,8 @@ def test_sigterm_to_the_launch_script_checkpoints_every_rank_and_resumes_exactly
 def test_killing_only_the_deepspeed_runner_leaves_no_rank_training(tmp_path, uninterrupted):
     """Also with the tracking server unreachable: the queued telemetry is spooled to disk on the way out."""
     run = tmp_path / "run"
-    dead_server = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
-    proc = _deepspeed([*ARGS, f"run.dir={run}", "tracking.enabled=true", "tracking.flush_timeout_s=2"], tmp_path,
+    dead_server = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = deepspeed([*ARGS, f"run.dir={run}", "tracking.enabled=true", "tracking.flush_timeout_s=2"], tmp_path,
                       dead_server)  # python -m deepspeed.launcher.runner ...
     _preempt_and_resume(tmp_path, run, proc, proc.pid, uninterrupted)
     spool = run / "tracking" / "pending.jsonl"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_nvae import ROOT, _env
+from launch import ROOT, launch_env
 
 from core.tracking import read_model_dir
 from core.training.checkpoint import verify_manifest, write_manifest
@@ -30,7 +30,7 @@ ARGS = ["nvae.image_size=16", "nvae.num_channels_enc=8", "nvae.num_channels_dec=
 
 def _train(tmp_path: Path, run: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(ROOT / "launchers/train_nvae.py"), *ARGS, f"run.dir={run}", *extra],
-                          cwd=tmp_path, env=_env(tmp_path, None), capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, env=launch_env(tmp_path, None), capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -87,7 +87,7 @@ def test_resume_skips_corrupt_checkpoints_and_refuses_when_none_verifies(tmp_pat
 def test_one_job_per_run_directory_and_the_lock_dies_with_its_holder(tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen([sys.executable, str(ROOT / "launchers/train_nvae.py"), *ARGS, f"run.dir={run}",
-                              "loop.total_nimg=1000000"], cwd=tmp_path, env=_env(tmp_path, None),
+                              "loop.total_nimg=1000000"], cwd=tmp_path, env=launch_env(tmp_path, None),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240

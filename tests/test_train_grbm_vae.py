@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 
 import pytest
 import torch
-from test_train_nvae import _deepspeed, _finish
+from launch import resume_is_bit_identical
 
 from core.evaluation.grbm_likelihood import AISConfig, ClassifierConfig, GRBMLikelihoodConfig, evaluate_grbm_vae
 from core.evaluation.sample_score import DigitsScorer, DigitsScorerConfig
 from core.methods import SampleOptions, build_model
 from core.methods.base import MethodContext
 from core.methods.grbm_vae import GRBMVAEMethod
-from core.tracking import read_model_dir
 from core.training.cli import run_training
 from core.training.config import ConfigError, compose_job
 from core.training.engine import warmup_cosine
@@ -148,16 +146,6 @@ SMALL = ["method=grbm_vae", "experiment=quickstart", "loop.batch_size=8", "loop.
 def test_two_rank_resume_is_bit_identical(tmp_path):
     """Run A trains 64 images on 2 ranks, checkpointing at 32; run B is A's directory cut back to that checkpoint and
     resumed (two launches instead of three: the checkpoint B resumes from is the one A wrote while continuing)."""
-    run_a, run_b = tmp_path / "a", tmp_path / "b"
-    _finish(_deepspeed([*SMALL, f"run.dir={run_a}"], tmp_path, None, script="launchers/train.py"))
-    shutil.copytree(run_a, run_b)
-    shutil.rmtree(run_b / "model")
-    shutil.rmtree(run_b / "checkpoints" / "nimg-000000000064")
-    (run_b / "checkpoints" / "latest").write_text("nimg-000000000032")
-    out = _finish(_deepspeed([*SMALL, f"run.dir={run_b}"], tmp_path, None, script="launchers/train.py"))
-    assert "resuming from nimg-000000000032" in out
-    bundle_a, weights_a = read_model_dir(run_a / "model")
-    _, weights_b = read_model_dir(run_b / "model")
-    assert bundle_a["kind"] == "grbm_vae" and any(k.startswith("grbm.") for k in weights_a)
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), "resume is not bit-identical"
-    assert any((run_a / "samples").glob("*-samples.png"))
+    r = resume_is_bit_identical(SMALL, tmp_path, checkpoint_nimg=32, final_nimg=64)
+    assert r.bundle["kind"] == "grbm_vae" and any(k.startswith("grbm.") for k in r.weights)
+    assert any((r.run_a / "samples").glob("*-samples.png"))

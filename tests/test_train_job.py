@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train_nvae import ROOT, _env
+from launch import ROOT, launch_env
 
 from core.methods import METHODS, build_model, get_method
 from core.methods.bundles import MODEL_KINDS
@@ -97,7 +97,7 @@ def _own_image_folder(path: Path, n: int = 48) -> Path:
 
 def _run(script: str, args: list[str], tmp_path: Path) -> str:
     proc = subprocess.run([sys.executable, str(ROOT / "launchers" / script), *args], cwd=tmp_path,
-                          env=_env(tmp_path, None), capture_output=True, text=True, timeout=900)
+                          env=launch_env(tmp_path, None), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stderr
 
@@ -181,7 +181,7 @@ def test_input_errors_after_start_are_one_line_exit_2_and_failed_runs(tmp_path):
     for script, args, message in cases:
         run = tmp_path / script.replace(".py", "")
         proc = subprocess.run([sys.executable, str(ROOT / "launchers" / script), *args, f"run.dir={run}"],
-                              cwd=tmp_path, env=_env(tmp_path, None), capture_output=True, text=True, timeout=600)
+                              cwd=tmp_path, env=launch_env(tmp_path, None), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 2, proc.stderr[-3000:]
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
@@ -195,12 +195,12 @@ def test_input_errors_after_start_are_one_line_exit_2_and_failed_runs(tmp_path):
 def test_an_unreachable_registry_is_an_error_never_a_reason_to_train(tmp_path):
     """The quickstart may train its missing backbone, but only when the server answers that it does not exist: with
     the tracking server down the job fails (a retriable exit, not 2) and trains nothing."""
-    from test_train_nvae import _free_port
+    from launch import free_port
 
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(ROOT / "launchers" / "train_vaebm.py"), f"run.dir={run}",
                            "tracking.flush_timeout_s=1"], cwd=tmp_path,
-                          env=_env(tmp_path, f"http://127.0.0.1:{_free_port()}"), capture_output=True, text=True,
+                          env=launch_env(tmp_path, f"http://127.0.0.1:{free_port()}"), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode not in (0, 2), proc.stderr[-3000:]
     assert "TrackingUnavailableError" in proc.stderr and "training it first" not in proc.stderr

@@ -8,7 +8,6 @@ as a model directory, the form `backbone=<dir>` reads.
 """
 from __future__ import annotations
 
-import shutil
 
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from test_train_nvae import _deepspeed, _finish
+from launch import resume_is_bit_identical
 
 from core.evaluation.jobs import EvaluateConfig, evaluate
 from core.evaluation.sample_score import DigitsScorer, DigitsScorerConfig
@@ -28,7 +27,7 @@ from core.models import NVAE, NVAEConfig
 from core.models.latent_energy import LatentEnergyConfig
 from core.objectives.elbo import ELBOConfig, kl_balance_weights, nelbo_loss
 from core.sampling.langevin import LangevinConfig
-from core.tracking import TrackingConfig, read_model_dir, write_model_dir
+from core.tracking import TrackingConfig, write_model_dir
 from core.training.cli import run_training
 
 PRESETS = {"quickstart": 107_332, "cifar10": 9_946_350, "celeba64": 4_973_175, "celebahq256": 7_942_900}
@@ -115,21 +114,11 @@ SMALL = ["method=latent_ebm", "dataset.size=16", "dataset.channels=3", "energy.c
 def test_two_rank_resume_is_bit_identical_and_jobs_accept_the_model(digits_backbone, tmp_path):
     _, backbone_dir, _ = digits_backbone
     args = [*SMALL, f"backbone={backbone_dir}"]
-    run_a, run_b = tmp_path / "a", tmp_path / "b"
-    # Run A trains to 32 images with a checkpoint at 16; run B is A's directory cut back to that checkpoint (what a
-    # kill right after it leaves), resumed by the same command.
-    _finish(_deepspeed([*args, f"run.dir={run_a}"], tmp_path, None, script="launchers/train.py"))
-    shutil.copytree(run_a, run_b)
-    shutil.rmtree(run_b / "model")
-    shutil.rmtree(run_b / "checkpoints" / "nimg-000000000032")
-    buffer_state = torch.load(run_b / "checkpoints" / "nimg-000000000016" / "rank1.pt", weights_only=True)["buffer"]
+    r = resume_is_bit_identical(args, tmp_path, checkpoint_nimg=16, final_nimg=32)
+    run_a = r.run_a
+    buffer_state = torch.load(run_a / "checkpoints" / "nimg-000000000016" / "rank1.pt", weights_only=True)["buffer"]
     assert buffer_state["size"] > 0  # rank 1's replay-buffer shard is part of the checkpoint
-    out = _finish(_deepspeed([*args, f"run.dir={run_b}"], tmp_path, None, script="launchers/train.py"))
-    assert "resuming from nimg-000000000016" in out
-    bundle, weights_a = read_model_dir(run_a / "model")
-    _, weights_b = read_model_dir(run_b / "model")
-    assert bundle["kind"] == "latent_ebm" and any(k.startswith("energy.") for k in weights_a)
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), "resume is not bit-identical"
+    assert r.bundle["kind"] == "latent_ebm" and any(k.startswith("energy.") for k in r.weights)
     samples = run_a / "samples"
     for kind in ("samples", "backbone", "chains", "energies", "hierarchy"):
         assert any(samples.glob(f"*-{kind}.png")), kind

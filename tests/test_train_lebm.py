@@ -3,11 +3,10 @@
 launches) that resumes bit-identically, publishes an `lebm` model, and feeds the sampling job and FID."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
-from test_train_nvae import _deepspeed, _finish
+from launch import resume_is_bit_identical
 
 from core.evaluation.fid import InceptionConfig
 from core.evaluation.jobs import EvaluateConfig, evaluate
@@ -16,7 +15,7 @@ from core.methods import MethodContext
 from core.methods.lebm import LEBMConfig, LEBMMethod, sample_prior
 from core.models.lebm_nets import GeneratorConfig, LatentEBMModel, PriorEBMConfig
 from core.sampling.rng import rank_generator
-from core.tracking import TrackingConfig, read_model_dir
+from core.tracking import TrackingConfig
 from core.training.cli import run_training
 from core.training.config import compose_job
 
@@ -119,18 +118,10 @@ SMALL = ["method=lebm", "experiment=joint_quickstart", "generator.ngf=8", "sampl
 def test_two_ranks_resume_bit_identical_and_the_model_samples(tmp_path):
     """Run A trains to 64 images with a checkpoint at 32. Run B is A's directory cut back to that checkpoint (what a
     kill right after it leaves) and resumed by the same command: its final weights equal A's bit for bit."""
-    run_a, run_b = tmp_path / "a", tmp_path / "b"
-    _finish(_deepspeed([*SMALL, f"run.dir={run_a}"], tmp_path, None, script="launchers/train.py"), timeout=600)
-    shutil.copytree(run_a, run_b)
-    shutil.rmtree(run_b / "model")
-    shutil.rmtree(run_b / "checkpoints" / "nimg-000000000064")
-    out = _finish(_deepspeed([*SMALL, f"run.dir={run_b}"], tmp_path, None, script="launchers/train.py"), timeout=600)
-    assert "resuming from nimg-000000000032" in out
-    bundle, weights_a = read_model_dir(run_a / "model")
-    _, weights_b = read_model_dir(run_b / "model")
-    assert bundle["kind"] == "lebm" and bundle["generator"]["layers"] == 2
-    assert weights_a.keys() == weights_b.keys() and any(k.startswith("f.1.") for k in weights_a)
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), "resume is not bit-identical"
+    r = resume_is_bit_identical(SMALL, tmp_path, checkpoint_nimg=32, final_nimg=64, timeout=600)
+    run_a = r.run_a
+    assert r.bundle["kind"] == "lebm" and r.bundle["generator"]["layers"] == 2
+    assert any(k.startswith("f.1.") for k in r.weights)
     names = {p.name.split("-", 2)[-1] for p in (run_a / "samples").glob("nimg-*")}
     assert {"samples.png", "prior-chains.png", "posterior-chains.png", "reconstructions.png",
             "energies.png"} <= names

@@ -4,15 +4,14 @@ of (seed, rank, nimg)). The backbone is a randomly initialized tiny NVAE written
 it exactly as a registered one (strict state dict), and training it first would only cost time here."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from test_train_nvae import _deepspeed, _finish
+from launch import resume_is_bit_identical
 
 from core.methods.nvae import float_state, vae_bundle
-from core.tracking import read_model_dir, write_model_dir
+from core.tracking import write_model_dir
 from core.training.cli import run_training
 
 SMALL = ["dataset.size=16", "dataset.channels=3", "classifier.base_channels=8", "sampler.candidates=4",
@@ -65,21 +64,11 @@ def random_backbone(tmp_path_factory) -> Path:
 def test_two_rank_resume_is_bit_identical(random_backbone, tmp_path):
     args = ["method=ncp_vae", "experiment=quickstart", *SMALL, f"backbone={random_backbone}",
             "backbone_train_if_missing=false"]
-    # Run A trains to 64 images with a checkpoint at 32; run B is A's directory cut back to that checkpoint (what a
-    # kill right after it leaves), resumed by the same command.
-    run_a, run_b = tmp_path / "a", tmp_path / "b"
-    _finish(_deepspeed([*args, f"run.dir={run_a}"], tmp_path, None, script="launchers/train.py"))
-    shutil.copytree(run_a, run_b)
-    shutil.rmtree(run_b / "model")
-    shutil.rmtree(run_b / "checkpoints" / "nimg-000000000064")
-    out = _finish(_deepspeed([*args, f"run.dir={run_b}"], tmp_path, None, script="launchers/train.py"))
-    assert "resuming from nimg-000000000032" in out
-    assert "ncp_accuracy/group_03" in out  # per-group classifier accuracy is reported
-    bundle_a, weights_a = read_model_dir(run_a / "model")
-    _, weights_b = read_model_dir(run_b / "model")
-    assert bundle_a["kind"] == "ncp_vae" and len(bundle_a["group_shapes"]) == 4
-    assert any(k.startswith("classifier.") for k in weights_a)
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), "resume is not bit-identical"
+    r = resume_is_bit_identical(args, tmp_path, checkpoint_nimg=32, final_nimg=64)
+    run_a = r.run_a
+    assert "ncp_accuracy/group_03" in r.out_b  # per-group classifier accuracy is reported
+    assert r.bundle["kind"] == "ncp_vae" and len(r.bundle["group_shapes"]) == 4
+    assert any(k.startswith("classifier.") for k in r.weights)
     names = {p.name for p in (run_a / "samples").glob("*.png")}
     assert {"nimg-000000000064-t1-ncp.png", "nimg-000000000064-t0.7-backbone.png",
             "nimg-000000000064-chains.png"} <= names

@@ -20,45 +20,13 @@ from core.models import NVAE, NVAEConfig
 from core.tracking import load_registered_model
 from core.training.cli import run_training
 from core.training.config import load_preset
+from launch import ROOT, deepspeed, finish, launch_env
 from mlflow_server import mlflow_server  # noqa: F401  (pytest fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["experiment=quickstart", "nvae.image_size=16", "nvae.num_channels_enc=8", "nvae.num_channels_dec=8",
          "dataset.size=16", "loop.batch_size=4", "loop.total_nimg=64", "loop.checkpoint_every_nimg=32",
          "loop.report_every_nimg=16", "loop.sample_every_nimg=32", "loop.sample_count=4", "loop.progress_bar=false",
          "loader.num_workers=0", "run.dist_timeout_s=60"]
-
-
-def _env(tmp_path: Path, tracking_uri: str | None) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", VAEBM_DATA_CACHE=str(tmp_path / "data-cache"),
-               PYTHONPATH=str(ROOT), TORCH_EXTENSIONS_DIR=str(Path.home() / ".cache/vaebm/torch_extensions"))
-    env.pop("MLFLOW_TRACKING_URI", None)
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    return env
-
-
-def _deepspeed(args: list[str], tmp_path: Path, tracking_uri: str | None, script: str = "launchers/train_nvae.py",
-               **kw) -> subprocess.Popen:
-    """`deepspeed --num_gpus 2 <script> args...`: two CPU ranks (gloo), in its own process group."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-           str(_free_port()), str(ROOT / script), *args]
-    return subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path, tracking_uri), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
-    return out
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -89,7 +57,7 @@ def test_dry_run_every_preset(experiment, preset, capsys):
 ])
 def test_invalid_config_fails_with_one_line_before_ranks_work(override, message, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "launchers/train_nvae.py"), override, "--local_rank=0"],
-                          cwd=tmp_path, env=_env(tmp_path, None), capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, env=launch_env(tmp_path, None), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("config error:") and message in lines[0], proc.stderr
@@ -100,7 +68,7 @@ def test_invalid_config_fails_with_one_line_before_ranks_work(override, message,
 def test_two_rank_training_resume_registry_and_tracking_outage(tmp_path, mlflow_server):  # noqa: F811
     # 1. uninterrupted run to 64 images, tracked by the real server; the model lands in the registry
     run_a = tmp_path / "a"
-    _finish(_deepspeed([*SMALL, f"run.dir={run_a}"], tmp_path, mlflow_server.uri))
+    finish(deepspeed([*SMALL, f"run.dir={run_a}"], tmp_path, mlflow_server.uri))
     weights_a = _final_weights(run_a)
     bundle, registered = load_registered_model("models:/nvae-digits@latest", tracking_uri=mlflow_server.uri)
     assert bundle["nvae"]["image_size"] == 16
@@ -114,13 +82,13 @@ def test_two_rank_training_resume_registry_and_tracking_outage(tmp_path, mlflow_
 
     client = MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
     assert client.get_model_version_by_alias("nvae-digits", "candidate").version == "1"
-    out = _finish(_deepspeed([*SMALL, f"run.dir={run_a}"], tmp_path, mlflow_server.uri))
+    out = finish(deepspeed([*SMALL, f"run.dir={run_a}"], tmp_path, mlflow_server.uri))
     assert "training is complete" in out
     assert [v.version for v in client.search_model_versions("name='nvae-digits'")] == ["1"]
 
     # 2. same command, killed with SIGKILL once the first checkpoint exists, then re-run: bit-identical weights
     run_b = tmp_path / "b"
-    proc = _deepspeed([*SMALL, f"run.dir={run_b}"], tmp_path, None)
+    proc = deepspeed([*SMALL, f"run.dir={run_b}"], tmp_path, None)
     deadline = time.time() + 240
     while not (run_b / "checkpoints" / "latest").exists():
         assert proc.poll() is None, proc.stdout.read()[-4000:]
@@ -129,19 +97,19 @@ def test_two_rank_training_resume_registry_and_tracking_outage(tmp_path, mlflow_
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_b / "model").exists()
-    out = _finish(_deepspeed([*SMALL, f"run.dir={run_b}"], tmp_path, None))
+    out = finish(deepspeed([*SMALL, f"run.dir={run_b}"], tmp_path, None))
     assert "resuming from nimg-000000000032" in out
     weights_b = _final_weights(run_b)
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), "resume is not bit-identical"
 
     # 3. the tracking server dies mid-run: training still finishes and writes its model
     run_c = tmp_path / "c"
-    proc = _deepspeed([*SMALL, f"run.dir={run_c}", "tracking.flush_timeout_s=2"], tmp_path, mlflow_server.uri)
+    proc = deepspeed([*SMALL, f"run.dir={run_c}", "tracking.flush_timeout_s=2"], tmp_path, mlflow_server.uri)
     while not (run_c / "checkpoints" / "latest").exists():
         assert proc.poll() is None and time.time() < deadline + 240
         time.sleep(0.05)
     mlflow_server.stop()
-    _finish(proc)
+    finish(proc)
     weights_c = _final_weights(run_c)
     assert all(torch.equal(weights_a[k], weights_c[k]) for k in weights_a)
     config = json.loads((run_c / "config.json").read_text())
@@ -153,7 +121,7 @@ def test_a_killed_rank_ends_the_whole_job(tmp_path):
     import psutil
 
     run_dir = tmp_path / "k"
-    proc = _deepspeed([*SMALL, f"run.dir={run_dir}", "loop.total_nimg=100000", "tracking.enabled=false"],
+    proc = deepspeed([*SMALL, f"run.dir={run_dir}", "loop.total_nimg=100000", "tracking.enabled=false"],
                       tmp_path, None)
     deadline = time.time() + 240
     while not (run_dir / "checkpoints" / "latest").exists():  # both ranks are past setup and training

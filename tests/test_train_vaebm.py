@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow_server import mlflow_server  # noqa: F401  (pytest fixture)
-from test_train_nvae import ROOT, SMALL, _deepspeed, _env, _finish
+from launch import ROOT, deepspeed, finish, launch_env
+from test_train_nvae import SMALL
 
 from core.tracking import load_registered_model, read_model_dir
 from core.training.cli import run_training
@@ -40,7 +41,7 @@ def small_backbone(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("backbone")
     run = tmp / "nvae"
     proc = subprocess.run([sys.executable, str(ROOT / "launchers/train_nvae.py"), *SMALL, f"run.dir={run}",
-                           "tracking.enabled=false"], cwd=tmp, env=_env(tmp, None), capture_output=True, text=True,
+                           "tracking.enabled=false"], cwd=tmp, env=launch_env(tmp, None), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run
@@ -50,13 +51,13 @@ def small_backbone(tmp_path_factory) -> Path:
 def test_resume_with_replay_buffer_is_bit_identical(small_backbone, tmp_path):
     args = [*SMALL2, f"backbone={small_backbone}"]
     run_a, run_b = tmp_path / "a", tmp_path / "b"
-    _finish(_deepspeed_vaebm([*args, f"run.dir={run_a}"], tmp_path))
-    _finish(_deepspeed_vaebm([*args, f"run.dir={run_b}", "run.stop_after_nimg=32"], tmp_path))
+    finish(_deepspeed_vaebm([*args, f"run.dir={run_a}"], tmp_path))
+    finish(_deepspeed_vaebm([*args, f"run.dir={run_b}", "run.stop_after_nimg=32"], tmp_path))
     assert not (run_b / "model").exists()
     assert (run_b / "checkpoints" / "nimg-000000000032" / "rank1.pt").is_file()
     buffer_state = torch.load(run_b / "checkpoints" / "nimg-000000000032" / "rank1.pt", weights_only=True)["buffer"]
     assert buffer_state  # the replay buffer shard of rank 1 is part of the checkpoint
-    out = _finish(_deepspeed_vaebm([*args, f"run.dir={run_b}"], tmp_path))
+    out = finish(_deepspeed_vaebm([*args, f"run.dir={run_b}"], tmp_path))
     assert "resuming from nimg-000000000032" in out
     bundle_a, weights_a = read_model_dir(run_a / "model")
     _, weights_b = read_model_dir(run_b / "model")
@@ -66,12 +67,12 @@ def test_resume_with_replay_buffer_is_bit_identical(small_backbone, tmp_path):
 
 
 def _deepspeed_vaebm(args: list[str], tmp_path: Path, tracking_uri: str | None = None):
-    return _deepspeed(args, tmp_path, tracking_uri, script="launchers/train_vaebm.py")
+    return deepspeed(args, tmp_path, tracking_uri, script="launchers/train_vaebm.py")
 
 
 @pytest.mark.integration
 def test_main_job_without_arguments_registers_both_models(tmp_path, mlflow_server):  # noqa: F811
-    out = _finish(_deepspeed_vaebm([], tmp_path, mlflow_server.uri), timeout=1500)
+    out = finish(_deepspeed_vaebm([], tmp_path, mlflow_server.uri), timeout=1500)
     assert "training it first" in out  # the backbone was not registered: nested stage 1
     run_dir = tmp_path / "runs" / "quickstart-vaebm"
     assert any((run_dir / "samples").glob("*-samples.png"))
@@ -87,7 +88,7 @@ def test_main_job_without_arguments_registers_both_models(tmp_path, mlflow_serve
     out_dir = tmp_path / "samples"
     proc = subprocess.run([sys.executable, str(ROOT / "launchers/sample.py"), "model=models:/vaebm-digits@latest",
                            "n=6", f"out={out_dir}", "steps=4", "batch_size=4"], cwd=tmp_path,
-                          env=_env(tmp_path, mlflow_server.uri), capture_output=True, text=True, timeout=600)
+                          env=launch_env(tmp_path, mlflow_server.uri), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert sorted(p.name for p in out_dir.glob("0*.png")) == [f"{i:06d}.png" for i in range(6)]
     assert (out_dir / "grid.png").is_file() and (out_dir / "chains.png").is_file()

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from core.evaluation.grbm_likelihood import (AISConfig, ClassifierConfig, ais_log_partition, importance_estimates,
                                              train_ratio_classifier)
-from core.evaluation.ll2d_seam import LL2DContext, LL2DRow
+from core.evaluation.ll2d_seam import BestState, LL2DContext, LL2DRow, load_or_train
 from core.models.grbm import GRBM, GRBMConfig, exact_log_partition, gibbs_sample, MAX_EXACT_HIDDEN
 from core.models.grbm_vae_nets import gaussian_log_prob
 from core.objectives.score_matching import SSMConfig, draw_projections, sliced_score_matching
@@ -148,7 +148,7 @@ def train_row_model(ctx: LL2DContext, c: GRBMVAERowConfig) -> tuple[PointGRBMVAE
     val_gen = ctx.generator(c.seed_offset + 1)
     ssm = SSMConfig(variant=c.ssm_variant, projections=c.ssm_projections)
     val = ctx.val[: c.val_points]
-    best, best_state, best_step = -math.inf, None, -1
+    selection = BestState()
     warm = max(1, int(c.warmup * c.steps))
     t0 = time.perf_counter()
     for step in range(c.steps):
@@ -168,15 +168,11 @@ def train_row_model(ctx: LL2DContext, c: GRBMVAERowConfig) -> tuple[PointGRBMVAE
             with torch.no_grad():
                 log_z = float(exact_log_partition(model.grbm.params(detach=True).to(torch.float64)))
                 score = float(log_likelihoods(model, val, 16, log_z, val_gen)["iwae"].mean())
-            if score > best:
-                best, best_step = score, step + 1
-                best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+            selection.consider(step + 1, score, model)
             log.info("grbm_vae row: step %d/%d  val log p %.4f (best %.4f at %d)  log Z %.3f  (%.0f s)", step + 1,
-                     c.steps, score, best, best_step, log_z, time.perf_counter() - t0)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    info = {"val_best_log_likelihood": best, "val_best_step": float(best_step),
-            "train_seconds": time.perf_counter() - t0}
+                     c.steps, score, selection.score, selection.step, log_z, time.perf_counter() - t0)
+    selection.restore(model)
+    info = {**selection.summary(), "train_seconds": time.perf_counter() - t0}
     return model.eval().requires_grad_(False), info
 
 
@@ -184,20 +180,16 @@ def ll2d_row(ctx: LL2DContext, config: GRBMVAERowConfig) -> LL2DRow:
     config.validate()
     c = config
     cache = ctx.cache_path(f"grbm_vae-{_key(c)}")
-    model = PointGRBMVAE(c)
-    info: dict[str, float] = {}
-    if cache is not None and cache.is_file():
-        blob = torch.load(cache, map_location="cpu", weights_only=True)
-        model.load_state_dict(blob["state"], strict=True)
-        info = {k: float(v) for k, v in blob["info"].items()}
-        model = model.eval().requires_grad_(False)
-    else:
+
+    def train() -> dict:
         model, info = train_row_model(ctx, c)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            torch.save({"state": model.state_dict(), "info": info}, tmp)
-            tmp.replace(cache)
+        return {"state": model.state_dict(), "info": info}
+
+    blob = load_or_train(cache, train, required=("state", "info"))
+    model = PointGRBMVAE(c)
+    model.load_state_dict(blob["state"], strict=True)
+    model = model.eval().requires_grad_(False)
+    info = {k: float(v) for k, v in blob["info"].items()}
     params = model.grbm.params(detach=True).to(torch.float64)
     log_z = float(exact_log_partition(params))
     ais = ais_log_partition(params, AISConfig(chains=c.ais_chains, betas=c.ais_betas), ctx.generator(c.seed_offset + 2))

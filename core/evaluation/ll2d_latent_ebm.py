@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.evaluation.ll2d_seam import LL2DContext, LL2DRow
+from core.evaluation.ll2d_seam import BestState, LL2DContext, LL2DRow, load_or_train
 from core.methods.latent_ebm import latent_negatives, sir_latent_start
 from core.models.latent_energy import LatentEnergy, LatentEnergyConfig
 from core.objectives.ebm import vaebm_loss
@@ -136,16 +136,13 @@ class _Validation:
         m = min(config.val_components, ctx.mu.shape[0])
         self.ctx, self.mu, self.sigma = ctx, ctx.mu[:m], ctx.sigma[:m]
         self.z = [g[:m] for g in ctx.z]
-        self.best, self.best_step, self.best_state, self.history = -math.inf, 0, None, []
+        self.best = BestState()
 
     def consider(self, step: int, energy) -> float:
         log_w = tilt(energy, self.z)
         lp = self.ctx.mixture_fn(self.ctx.val, self.mu, self.sigma, log_weights=log_w)
         value = float(lp.mean()) - (float(torch.logsumexp(log_w, 0)) - math.log(len(log_w)))
-        self.history.append((step, value))
-        if math.isfinite(value) and value > self.best:
-            self.best, self.best_step = value, step
-            self.best_state = {k: v.detach().clone() for k, v in energy.state_dict().items()}
+        self.best.consider(step, value, energy)
         return value
 
 
@@ -181,11 +178,10 @@ def train_row_energy(ctx: LL2DContext, config: LatentEBMRowConfig) -> tuple[Acti
             value = selection.consider(done, energy)
             log.info("latent_ebm step %d/%d  f(z+) %.3f  f(z-) %.3f  init ess %.3f  val ll %.4f (best %.4f at %d)  "
                      "(%.0f s)", done, config.steps, -float(terms.e_pos), -float(terms.e_neg), init.ess_fraction,
-                     value, selection.best, selection.best_step, time.perf_counter() - t0)
-    if selection.best_state is not None:
-        energy.load_state_dict(selection.best_state)
-    summary = {"val_best_step": float(selection.best_step), "val_best_log_likelihood": selection.best,
-               "train_s": time.perf_counter() - t0, "active_units": float(energy.active.numel())}
+                     value, selection.best.score, selection.best.step, time.perf_counter() - t0)
+    selection.best.restore(energy)
+    summary = {**selection.best.summary(), "train_s": time.perf_counter() - t0,
+               "active_units": float(energy.active.numel())}
     return energy.eval().requires_grad_(False), summary
 
 
@@ -193,19 +189,16 @@ def ll2d_row(ctx: LL2DContext, config: LatentEBMRowConfig) -> LL2DRow:
     """Train (or reuse from the context's cache) f_alpha and score the test points (module docstring)."""
     config.validate()
     path = ctx.cache_path(f"latent_ebm-{config.key()}")
-    if path is not None and path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        energy = build_energy(ctx, config, active=blob["energy"]["active"])
-        energy.load_state_dict(blob["energy"], strict=True)
-        energy = energy.eval().requires_grad_(False)
-        summary = {k: float(v) for k, v in blob["summary"].items()}
-    else:
+
+    def train() -> dict:
         energy, summary = train_row_energy(ctx, config)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save({"energy": energy.state_dict(), "summary": summary}, tmp)
-            tmp.replace(path)
+        return {"energy": energy.state_dict(), "summary": summary}
+
+    blob = load_or_train(path, train, required=("energy", "summary"))
+    energy = build_energy(ctx, config, active=blob["energy"]["active"])
+    energy.load_state_dict(blob["energy"], strict=True)
+    energy = energy.eval().requires_grad_(False)
+    summary = {k: float(v) for k, v in blob["summary"].items()}
     log_w = tilt(energy, ctx.z)  # log r(z_m) = f(z_m) of the shared components
     log_z, log_z_se = mc_log_partition(energy, ctx, config.log_z_samples, ctx.generator(0x1A8))
     log_z_grid = ctx.grid_log_integral(lambda x: ctx.log_mixture(x, log_weights=log_w))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.evaluation.ll2d_seam import LL2DContext, LL2DRow
+from core.evaluation.ll2d_seam import BestState, LL2DContext, LL2DRow, load_or_train
 from core.models.ncp_classifier import NCPClassifierConfig, NCPClassifiers
 from core.objectives.nce import nce_loss
 
@@ -89,8 +89,8 @@ def train_classifier(ctx: LL2DContext, config: NCPVAERowConfig) -> tuple[NCPClas
     m = min(config.val_components, ctx.mu.shape[0])
     val_z, val_mu, val_sigma = ctx.z[0][:m], ctx.mu[:m], ctx.sigma[:m]
     empty = torch.zeros((2 * config.batch, 0))
-    best = (-math.inf, -1, None)
-    history = []
+    selection = BestState()
+    accuracy = math.nan
 
     def score() -> float:
         net.eval()
@@ -115,14 +115,10 @@ def train_classifier(ctx: LL2DContext, config: NCPVAERowConfig) -> tuple[NCPClas
         sched.step()
         done = step + 1
         if done % config.eval_every == 0 or done == config.steps:
-            value = score()
-            history.append((done, value, float(terms.accuracy[0])))
-            if math.isfinite(value) and value > best[0]:
-                best = (value, done, {k: v.detach().clone() for k, v in net.state_dict().items()})
-    if best[2] is not None:
-        net.load_state_dict(best[2])
-    info = {"train_s": time.perf_counter() - t0, "val_best_log_likelihood": best[0], "val_best_step": float(best[1]),
-            "final_train_accuracy": history[-1][2] if history else math.nan}
+            selection.consider(done, score(), net)
+            accuracy = float(terms.accuracy[0])
+    selection.restore(net)
+    info = {"train_s": time.perf_counter() - t0, **selection.summary(), "final_train_accuracy": accuracy}
     return net.eval().requires_grad_(False), info
 
 
@@ -132,18 +128,16 @@ def ll2d_row(ctx: LL2DContext, config: NCPVAERowConfig) -> LL2DRow:
     latent_dim = ctx.z[0].shape[1]
     path = ctx.cache_path(f"ncp_vae-{config.steps}-{config.batch}-{config.lr:g}-{config.lr_min:g}-{config.hidden}-"
                           f"{config.layers}-{config.eval_every}-{config.val_components}-{config.seed_offset}")
-    info: dict[str, float] = {}
-    if path is not None and path.is_file():
-        net = classifier(config, latent_dim)
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-        net = net.eval().requires_grad_(False)
-    else:
+
+    def train() -> dict:
         net, info = train_classifier(ctx, config)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(net.state_dict(), tmp)
-            tmp.replace(path)
+        return {"state": net.state_dict(), "info": info}
+
+    blob = load_or_train(path, train, required=("state", "info"))
+    net = classifier(config, latent_dim)
+    net.load_state_dict(blob["state"], strict=True)
+    net = net.eval().requires_grad_(False)
+    info = {k: float(v) for k, v in blob["info"].items()}
     # log Z = log E_p[r] by 20k fresh prior draws (App. J), on a stream of its own
     z_mc = torch.randn((config.log_z_samples, latent_dim), generator=ctx.generator(config.seed_offset + 1))
     log_z, log_z_se = mc_log_z(log_r(net, z_mc))

@@ -5,10 +5,12 @@ that VAE (NCP-VAE, the joint latent EBM prior), on the same frozen VAE. A row mo
 defines a typed config dataclass and `ll2d_row(ctx: LL2DContext, config) -> LL2DRow`; toy2d registers it under
 `<name>` and prints `gap_closed[<name>]` = (row - vae) / (true - vae).
 
-This module holds only the two data classes: it imports nothing of toy2d, so row modules and toy2d import it freely.
+This module holds the two data classes and the two pieces every row's training shares (validation-selected weights,
+a cache of trained networks); it imports nothing of toy2d, so row modules and toy2d import it freely.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -66,3 +68,47 @@ class LL2DContext:
         if self.cache_dir is None:
             return None
         return self.cache_dir / f"ll2d-{self.training_key}-{name}.pt"
+
+
+class BestState:
+    """Model selection on validation points: the weights with the highest finite score so far (test points never
+    choose). `consider` after each evaluation, `restore` at the end of training."""
+
+    def __init__(self) -> None:
+        self.score = -math.inf  # best validation score so far
+        self.step = -1  # the step it was reached at (-1: none yet)
+        self.state: dict[str, torch.Tensor] | None = None
+        self.history: list[tuple[int, float]] = []  # (step, score) of every evaluation
+
+    def consider(self, step: int, score: float, module: torch.nn.Module) -> bool:
+        """Record `score` at `step`; keep a copy of `module`'s weights if it is the best finite one. True if kept."""
+        self.history.append((step, score))
+        if math.isfinite(score) and score > self.score:
+            self.score, self.step = score, step
+            self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            return True
+        return False
+
+    def restore(self, module: torch.nn.Module) -> None:
+        """Load the best weights into `module` (no-op when nothing finite was seen)."""
+        if self.state is not None:
+            module.load_state_dict(self.state)
+
+    def summary(self) -> dict[str, float]:
+        return {"val_best_log_likelihood": self.score, "val_best_step": float(self.step)}
+
+
+def load_or_train(path: Path | None, train: Callable[[], dict[str, Any]], required: tuple[str, ...]) -> dict[str, Any]:
+    """A row's trained networks: the blob cached at `path` when it holds every `required` key, else `train()`'s,
+    written there atomically (tensors, numbers and dicts of them only: read back with weights_only)."""
+    if path is not None and path.is_file():
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(blob, dict) and all(k in blob for k in required):
+            return blob
+    blob = train()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(blob, tmp)
+        tmp.replace(path)
+    return blob

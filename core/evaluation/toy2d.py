@@ -46,7 +46,7 @@ from core.evaluation.iwae import iwae_log_likelihood
 from core.evaluation.ll2d_grbm_vae import GRBMVAERowConfig, ll2d_row as grbm_vae_row
 from core.evaluation.ll2d_latent_ebm import LatentEBMRowConfig, ll2d_row as latent_ebm_row
 from core.evaluation.ll2d_ncp_vae import NCPVAERowConfig, ll2d_row as ncp_vae_row
-from core.evaluation.ll2d_seam import LL2DContext, LL2DRow
+from core.evaluation.ll2d_seam import BestState, LL2DContext, LL2DRow
 from core.methods.vaebm import langevin_negatives, sir_chain_start
 from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init
 from core.models.mlp_vae import MLPVAE, MLPVAEConfig
@@ -218,7 +218,7 @@ class ValidationScorer:
     """Average validation log-likelihood of the VAEBM, log h = log p_vae - E - log Z (vaebm.md Eq. 5), cheap enough to
     run every few steps: the VAE is frozen, so log p_vae on the validation points and on the log-Z grid is computed
     once (marginal mixture of `val_marginal_samples` components, `val_grid_n`^2 midpoint grid) and each score costs
-    only energy evaluations. Keeps the best-scoring weights (`best_state`)."""
+    only energy evaluations. Keeps the best-scoring weights (`best`)."""
 
     def __init__(self, vae: MLPVAE, val: torch.Tensor, protocol: Toy2DProtocol):
         gen = torch.Generator().manual_seed(protocol.seed + 505)
@@ -233,10 +233,7 @@ class ValidationScorer:
         pts, self.log_cell = grid_points(grid)
         self.grid = pts.float()
         self.lp_grid = mixture_log_density(self.grid, mu, sigma)
-        self.history: list[tuple[int, float]] = []
-        self.best_score = -math.inf
-        self.best_step = -1
-        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best = BestState()
         self.exact_mean_energy = math.nan  # E_h[E] on the grid at the last score (a sampler diagnostic)
 
     @torch.no_grad()
@@ -254,16 +251,13 @@ class ValidationScorer:
 
     def consider(self, step: int, energy: EnergyNet) -> float:
         value = self.score(energy)
-        self.history.append((step, value))
-        if math.isfinite(value) and value > self.best_score:
-            self.best_score, self.best_step = value, step
-            self.best_state = {k: v.detach().clone() for k, v in energy.state_dict().items()}
+        self.best.consider(step, value, energy)
         return value
 
     def summary(self) -> dict[str, Any]:
-        return {"val_best_log_likelihood": self.best_score, "val_best_step": self.best_step,
+        return {"val_best_log_likelihood": self.best.score, "val_best_step": self.best.step,
                 "val_vae_log_likelihood": float(self.lp_val.mean()),
-                "val_history": [[s, round(v, 5)] for s, v in self.history]}
+                "val_history": [[s, round(v, 5)] for s, v in self.best.history]}
 
 
 class NegativePhase:
@@ -366,11 +360,11 @@ def train_energy(vae: MLPVAE, train: torch.Tensor, protocol: Toy2DProtocol,
             log.info("ebm step %d/%d  cd %.4f  e_pos %.3f  e_neg %.3f  init ess %.3f  escaped chains %d  "
                      "skipped steps %d  (%.0f s)%s", step, protocol.ebm_steps, m["cd"], m["e_pos"], m["e_neg"],
                      negatives.ess_fraction, negatives.escaped, skipped, time.perf_counter() - t0,
-                     f"  val ll {selection.history[-1][1]:.4f} (best {selection.best_score:.4f} at step "
-                     f"{selection.best_step}; E_h[E] {selection.exact_mean_energy:.3f})"
-                     if selection is not None and selection.history else "")
-    if selection is not None and selection.best_state is not None:
-        energy.load_state_dict(selection.best_state)
+                     f"  val ll {selection.best.history[-1][1]:.4f} (best {selection.best.score:.4f} at step "
+                     f"{selection.best.step}; E_h[E] {selection.exact_mean_energy:.3f})"
+                     if selection is not None and selection.best.history else "")
+    if selection is not None:
+        selection.best.restore(energy)
     if not all(bool(torch.isfinite(q).all()) for q in energy.parameters()):
         raise RuntimeError("ll2d: the energy network has non-finite parameters after training")
     return energy.eval().requires_grad_(False)
