@@ -12,8 +12,8 @@ from core.training.config import load_preset, preset_names
 PRESETS = {name: load_preset("nvae", name, NVAEConfig) for name in preset_names("nvae")}
 
 
-def _model(name: str) -> NVAE:
-    model = NVAE(PRESETS[name].at_test_size()).double().eval()
+def _model(name: str, **overrides) -> NVAE:
+    model = NVAE(dataclasses.replace(PRESETS[name].at_test_size(), **overrides)).double().eval()
     # Push BN running statistics off their identity init so the test also covers them.
     with torch.no_grad():
         for m in model.modules():
@@ -53,13 +53,15 @@ def test_log_p_z_equals_independent_normal_densities(name):
     cov = sum(Normal(0.0, 1.0).log_prob(e).sum(dim=(1, 2, 3)) - torch.log(g.prior.sigma).sum(dim=(1, 2, 3))
               for e, g in zip(eps_z, tower.groups))
     torch.testing.assert_close(model.log_p_z(tower.z), cov, rtol=1e-12, atol=1e-9)
-    # the top group's prior is exactly standard normal, later ones are not
-    assert torch.equal(tower.groups[0].prior.sigma, torch.ones_like(tower.groups[0].prior.sigma))
+    # the top group's prior is NVAE's N(0, (exp(0) + min_sigma)^2) = N(0, 1.01^2) exactly, later ones are not
+    top = tower.groups[0].prior
+    assert torch.equal(top.mu, torch.zeros_like(top.mu))
+    assert torch.equal(top.sigma, torch.full_like(top.sigma, 1.0 + model.config.min_sigma))
     assert not torch.allclose(tower.groups[-1].prior.sigma, torch.ones_like(tower.groups[-1].prior.sigma))
 
 
 def test_posterior_log_q_and_kl_match_reference():
-    model = _model("celeba64")
+    model = _model("celeba64", num_nf=0)  # a Normal q: analytic KL (flow cells: the test below)
     x = torch.rand(3, *model.x_shape(), dtype=torch.float64) * 2 - 1
     tower = model.posterior(x)
     ref_q = sum(Normal(g.posterior.mu, g.posterior.sigma).log_prob(g.z).sum(dim=(1, 2, 3)) for g in tower.groups)
@@ -70,6 +72,60 @@ def test_posterior_log_q_and_kl_match_reference():
     torch.testing.assert_close(tower.kl_per_group(), ref_kl, rtol=1e-10, atol=1e-9)
     # residual posterior: q's raw parameters are offsets from the prior's, so they differ from it
     assert not torch.allclose(tower.groups[1].posterior.mu, tower.groups[1].prior.mu)
+
+
+@pytest.mark.parametrize("num_nf", [1, 2])
+def test_posterior_with_flow_cells_log_q_kl_and_elbo_match_reference(num_nf):
+    """q(z|x) ends with shift-only autoregressive flow cells: z = flow(mu_q + sigma_q * eps), log|det| = 0, so
+    log q(z|x) = log N(z_q; mu_q, sigma_q) at the pre-flow draw z_q and KL_l = log q - log p at the sample."""
+    model = _model("celeba64", num_nf=num_nf)
+    x = torch.rand(3, *model.x_shape(), dtype=torch.float64) * 2 - 1
+    eps = [torch.randn(3, *s, dtype=torch.float64) for s in model.latent_shapes()]
+    tower = model.posterior(x, eps_z=eps)
+    for l, (g, e) in enumerate(zip(tower.groups, eps)):
+        torch.testing.assert_close(g.z_q, g.posterior.mu + g.posterior.sigma * e, rtol=0, atol=1e-12)
+        torch.testing.assert_close(g.z, model.flows[l](g.z_q), rtol=0, atol=0)
+        assert not torch.allclose(g.z, g.z_q)  # the flow moved the draw
+    ref_q = [Normal(g.posterior.mu, g.posterior.sigma).log_prob(g.z_q).sum(dim=(1, 2, 3)) for g in tower.groups]
+    ref_p = [Normal(g.prior.mu, g.prior.sigma).log_prob(g.z).sum(dim=(1, 2, 3)) for g in tower.groups]
+    torch.testing.assert_close(tower.log_q_z(), sum(ref_q), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(tower.log_p_z(), sum(ref_p), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(tower.kl_per_group(), torch.stack(ref_q, 1) - torch.stack(ref_p, 1), rtol=1e-12,
+                               atol=1e-9)
+    # the generative path never uses the flows: teacher-forcing the flowed z gives the same priors and decoder
+    forced = model.walk(3, lambda i, _p, _q: tower.z[i])
+    torch.testing.assert_close(forced.x_dist.mu, tower.x_dist.mu, rtol=0, atol=1e-12)
+    torch.testing.assert_close(forced.log_p_z(), tower.log_p_z(), rtol=0, atol=1e-9)
+    with pytest.raises(NotImplementedError, match="flow cells"):
+        model.log_q_z(tower.z, x)
+
+
+def test_flow_cell_is_autoregressive_with_unit_jacobian_diagonal():
+    """Each shift step z - mu(z) has a Jacobian that is unit lower triangular in raster order (pixel, then channel;
+    reversed for the mirrored step), so log|det| = 0 exactly (what the KL with flows relies on)."""
+    from core.models.cells import FlowCell
+
+    torch.manual_seed(0)
+    c, h, w = 3, 4, 5
+    cell = FlowCell(c).double()
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.normal_(0, 0.5)
+    z = torch.randn(1, c, h, w, dtype=torch.float64)
+    raster = torch.arange(h * w).repeat_interleave(c) * c + torch.arange(c).repeat(h * w)  # (pixel, channel) order
+    for step, order in ((cell.forward_order, raster), (cell.reverse_order, (h * w - 1 - raster // c) * c + raster % c)):
+        jac = torch.autograd.functional.jacobian(lambda v: step(v.view(1, c, h, w)).flatten(),
+                                                 z.flatten()).detach()
+        # element (ch, y, x) of the flattened tensor has flat index ch*h*w + y*w + x; sort it by `order`
+        flat = torch.arange(c * h * w).view(c, h, w).permute(1, 2, 0).flatten()  # raster (pixel, channel) -> flat
+        rank = torch.empty_like(order)
+        rank[flat] = order
+        perm = torch.argsort(rank)
+        j = jac[perm][:, perm]
+        torch.testing.assert_close(torch.diagonal(j), torch.ones(c * h * w, dtype=torch.float64), rtol=0, atol=0)
+        assert torch.count_nonzero(torch.triu(j, diagonal=1)) == 0
+        assert torch.count_nonzero(torch.tril(j, diagonal=-1)) > 0  # it does depend on earlier elements
+        z = step(z).detach()
 
 
 def test_context_is_decoder_state_before_group():

@@ -132,3 +132,10 @@ def test_two_rank_resume_is_bit_identical_and_jobs_accept_the_model(digits_backb
                                      out=str(tmp_path / "ood"), tracking=TrackingConfig(enabled=False)), {})
     row = report["rows"][0]
     assert row["ood_set"] == "noise" and 0.0 <= row["auroc_vaebm"] <= 1.0
+    # metric=iwae on the reweighted prior p(z) exp(f(z)) / Z: importance weights with f, minus a Monte Carlo log Z
+    report = evaluate(EvaluateConfig(metric="iwae", model=str(run_a), dataset_ref="digits", data={"size": 16},
+                                     eval_samples=8, batch_size=4, iwae_samples=2, iwae_log_z_samples=64,
+                                     out=str(tmp_path / "iwae"), tracking=TrackingConfig(enabled=False)), {})
+    row = report["rows"][0]
+    assert row["images"] == 8 and row["log_z_samples"] == 64 and row["log_z_stderr"] >= 0
+    assert row["nll_nats"] == row["nll_nats"] and row["bits_per_dim"] > 0  # finite, not NaN

@@ -63,6 +63,7 @@ class EvaluateConfig:
     # iwae / ood
     iwae_samples: int = 100  # metric=iwae: importance samples K per image
     iwae_chunk: int = 10  # importance samples per forward pass (memory)
+    iwae_log_z_samples: int = 10_000  # metric=iwae, reweighted priors (ncp_vae, latent_ebm): prior draws of log Z
     ood_iwae_samples: int = 20  # metric=ood: K of the log p(x) estimate inside both scores
     ood_sets: list[str] = field(default_factory=lambda: list(OOD_SETS))  # subset of photos256 faces25 noise
     #                                                                      inverted interpolation
@@ -91,6 +92,7 @@ class EvaluateConfig:
         req(self.fid_reference_samples is None or self.fid_reference_samples > 1, "fid_reference_samples must be > 1")
         req(self.iwae_samples > 0 and self.iwae_chunk > 0 and self.ood_iwae_samples > 0,
             "iwae_samples, iwae_chunk and ood_iwae_samples must be > 0")
+        req(self.iwae_log_z_samples >= 2, "iwae_log_z_samples must be >= 2")
         bad = [s for s in self.ood_sets if s not in OOD_SETS]
         req(not bad, f"unknown ood_sets {bad}; choose from {list(OOD_SETS)}")
         req(self.steps is None or self.steps >= 1, "steps must be >= 1")
@@ -366,15 +368,22 @@ class _LazyBatches:
 def run_iwae(config: EvaluateConfig, info, model) -> tuple[list[dict], dict[str, float]]:
     import torch.distributed as dist
 
-    from core.evaluation.iwae import bits_per_dim, iwae_log_likelihood
+    from core.evaluation.iwae import bits_per_dim, iwae_log_likelihood, prior_log_partition
 
     vae = _require_vae(model, "iwae")
     dataset = _fit_dataset(config.dataset_config(), vae.x_shape())
     dims = math.prod(vae.x_shape())
+    # A reweighted prior p(z) r(z) / Z (NCP-VAE, the joint latent EBM prior): weights with r, then minus log Z, one
+    # Monte Carlo estimate shared by every rank (same generator everywhere).
+    log_tilt = model.prior_log_tilt if model.reweighted_prior else None
+    log_z = log_z_se = 0.0
+    if log_tilt is not None:
+        gen = torch.Generator(device=info.device).manual_seed(config.seed * 7919 + 17)
+        log_z, log_z_se = prior_log_partition(vae, log_tilt, config.iwae_log_z_samples, config.batch_size, gen)
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
     torch.manual_seed(config.seed * 1000 + info.rank)
     for x in _images(dataset, config.eval_samples, config.batch_size, info.rank, info.world_size, info.device):
-        lp = iwae_log_likelihood(vae, x, config.iwae_samples, config.iwae_chunk)
+        lp = iwae_log_likelihood(vae, x, config.iwae_samples, config.iwae_chunk, log_tilt) - log_z
         total += torch.stack([lp.sum(), torch.tensor(float(len(lp)), dtype=torch.float64, device=lp.device)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
@@ -382,9 +391,13 @@ def run_iwae(config: EvaluateConfig, info, model) -> tuple[list[dict], dict[str,
     ll = float(total[0].item()) / n
     nll = -ll
     bpd = float(bits_per_dim(ll, dims, num_bits=dataset.num_bits))
-    rows = [{"model": model.kind, "dataset": dataset.name, "images": n, "dims": dims, "K": config.iwae_samples,
-             "nll_nats": round(nll, 4), "nll_nats_per_dim": round(nll / dims, 6), "bits_per_dim": round(bpd, 4)}]
-    return rows, {"iwae/nll_nats": nll, "iwae/bits_per_dim": bpd, "iwae/images": float(n)}
+    row = {"model": model.kind, "dataset": dataset.name, "images": n, "dims": dims, "K": config.iwae_samples,
+           "nll_nats": round(nll, 4), "nll_nats_per_dim": round(nll / dims, 6), "bits_per_dim": round(bpd, 4)}
+    metrics = {"iwae/nll_nats": nll, "iwae/bits_per_dim": bpd, "iwae/images": float(n)}
+    if log_tilt is not None:
+        row.update(log_z=round(log_z, 4), log_z_stderr=round(log_z_se, 4), log_z_samples=config.iwae_log_z_samples)
+        metrics.update({"iwae/log_z": log_z, "iwae/log_z_stderr": log_z_se})
+    return [row], metrics
 
 
 def run_ood(config: EvaluateConfig, info, model) -> tuple[list[dict], dict[str, float]]:

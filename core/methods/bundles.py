@@ -44,6 +44,7 @@ class TrainedModel(abc.ABC):
 
     kind: str = "?"  # the bundle's kind, set by `build_model`
     energy_based: ClassVar[bool] = False  # `energy(x)` is defined (log density log p_vae - E + const)
+    reweighted_prior: ClassVar[bool] = False  # `prior_log_tilt(tower)` is defined (prior p(z) r(z) / Z)
     # What `sample(n, gen, SampleOptions(steps=0))` draws, from the same starting noise as the method's chains (e.g.
     # "backbone"): the reference the end-of-run report compares against; None: the kind has no baseline.
     baseline: ClassVar[str | None] = None
@@ -74,6 +75,12 @@ class TrainedModel(abc.ABC):
 
     def energy(self, x: torch.Tensor) -> torch.Tensor | None:
         """Per-sample energy E(x) of an energy-refined model (log h = log p_vae - E - log Z), or None."""
+        return None
+
+    def prior_log_tilt(self, tower) -> torch.Tensor | None:
+        """log r(z), (batch,) float64, for a model whose prior is the VAE's reweighted, p(z) r(z) / Z (NCP-VAE:
+        sum_k log r_k; the joint latent EBM prior: f_alpha), at the latents of a walk of `vae` (a TowerPass); None
+        when the prior is the VAE's own. Lets `metric=iwae` estimate the model's log-likelihood."""
         return None
 
 

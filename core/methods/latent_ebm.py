@@ -405,6 +405,7 @@ class LatentEBMModel(TrainedModel):
     """A trained joint latent EBM prior: frozen backbone, frozen f_alpha and the sampler it was trained with."""
 
     energy_based = True
+    reweighted_prior = True
     baseline = "backbone"  # zero Langevin steps: the backbone's sample from the same eps
 
     def __init__(self, backbone, energy: LatentEnergy, sampler: LatentSamplerConfig, posterior_samples: int = 16):
@@ -433,6 +434,11 @@ class LatentEBMModel(TrainedModel):
         return self.backbone
 
     @torch.no_grad()
+    def prior_log_tilt(self, tower) -> torch.Tensor:
+        """f_alpha(z) at the walk's latents: the prior is p(z) exp(f_alpha(z)) / Z (joint_latent_ebm_prior.md)."""
+        return self.energy_net.f(tower.z).double()
+
+    @torch.no_grad()
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """E(x) with log h(x) = log p_vae(x) - E(x) - log Z for the tilted model p(x) = int p(x|z) e^f p(z) / Z:
         h / p_vae = E_{p_vae(z|x)}[exp f(z)], so E(x) = -log E_{p_vae(z|x)}[exp f(z)], estimated by self-normalized
@@ -443,7 +449,7 @@ class LatentEBMModel(TrainedModel):
         tower = self.backbone.posterior(x_rep)
         log_w = (sum_except_batch(tower.x_dist.log_prob(x_rep)).double() + tower.log_p_z().double()
                  - tower.log_q_z().double()).view(k, -1)
-        f = self.energy_net.f(tower.z).double().view(k, -1)
+        f = self.prior_log_tilt(tower).view(k, -1)
         return -(torch.logsumexp(log_w + f, dim=0) - torch.logsumexp(log_w, dim=0))
 
     def sample(self, n: int, generator: torch.Generator, options: SampleOptions | None = None) -> Samples:

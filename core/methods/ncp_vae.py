@@ -300,6 +300,7 @@ class NCPVAEModel(TrainedModel):
     `vae` is the backbone (its ELBO/IWAE likelihoods are those of the plain VAE; the reweighted prior's likelihood
     needs log Z, see core/evaluation/ll2d_ncp_vae.py for the 2-D protocol)."""
 
+    reweighted_prior = True
     baseline = "backbone"  # steps=0: the backbone's sample from the same noise, without SIR or Langevin
 
     def __init__(self, backbone, classifiers: NCPClassifiers, sampler: NCPSamplerConfig):
@@ -328,7 +329,11 @@ class NCPVAEModel(TrainedModel):
     def log_ratio(self, z: list[torch.Tensor]) -> torch.Tensor:
         """sum_k log r_k(z_k, c(z_<k)) of given latent groups, (batch,) float64."""
         with torch.no_grad():
-            tower = self.backbone.walk(z[0].shape[0], lambda i, _p, _q: z[i])
+            return self.prior_log_tilt(self.backbone.walk(z[0].shape[0], lambda i, _p, _q: z[i]))
+
+    def prior_log_tilt(self, tower) -> torch.Tensor:
+        """sum_k log r_k(z_k, c(z_<k)) at the walk's latents and contexts (App. C: p_NCP(z) = p(z) prod_k r_k / Z)."""
+        with torch.no_grad():
             return self.classifiers.log_ratio(tower).double()
 
     def sample(self, n: int, generator: torch.Generator, options: SampleOptions | None = None) -> Samples:

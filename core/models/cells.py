@@ -1,10 +1,14 @@
-"""Residual cells and combiner cells of the NVAE towers (NVAE paper Sec. 3, Fig. 2-3; arch `res_mbconv`)."""
+"""Residual cells, combiner cells and flow cells of the NVAE towers (NVAE paper Sec. 3, Fig. 2-3; arch `res_mbconv`)."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from core.models.layers import BNSwishConv, InvertedResidual, SqueezeExcitation, WNConv2d, skip_connection
+from core.models.layers import (BNSwishConv, InvertedResidual, MaskedWNConv2d, SqueezeExcitation, WNConv2d,
+                                skip_connection)
 
 # Cell kinds: (stride, residual-branch factory). Encoder-side cells stack two BN-Swish-conv ops, decoder-side cells use
 # one inverted-residual op (expansion 6 in the decoder tower, 3 in post-processing), as in NVAE's `res_mbconv`.
@@ -51,3 +55,39 @@ class DecoderCombiner(nn.Module):
 
     def forward(self, state: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.conv(torch.cat([state, z], dim=1))
+
+
+class ShiftFlowCell(nn.Module):
+    """One autoregressive, shift-only flow step of q(z|x): z -> z - mu(z), mu autoregressive in raster order.
+
+    NVAE's inverse-autoregressive cells (NVAE Sec. 3.2 "normalizing flows"; its implementation keeps only the shift):
+    masked 3x3 expand (strictly earlier channels at the centre) -> ELU -> masked depthwise 5x5 -> ELU -> ELU ->
+    masked 1x1 to the shift. The Jacobian is triangular with a unit diagonal, so log|det| = 0.
+    """
+
+    def __init__(self, channels: int, mirror: bool, expansion: int = 6, kernel_size: int = 5):
+        super().__init__()
+        hidden = channels * expansion
+        self.expand = MaskedWNConv2d(channels, hidden, 3, padding=1, bias=False, diagonal=False, mirror=mirror)
+        self.depthwise = MaskedWNConv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden,
+                                        bias=False, diagonal=True, mirror=mirror)
+        self.shift = MaskedWNConv2d(hidden, channels, 1, bias=True, diagonal=True, mirror=mirror)
+        with torch.no_grad():  # the shift starts at a tenth of its natural scale, as in NVAE
+            self.shift.log_weight_norm += math.log(0.1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.elu(self.depthwise(F.elu(self.expand(z))))
+        return z - self.shift(F.elu(h))
+
+
+class FlowCell(nn.Module):
+    """A pair of shift flow steps, the second in mirrored raster order, so every latent pixel can depend on all
+    others (NVAE's paired AR cells)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.forward_order = ShiftFlowCell(channels, mirror=False)
+        self.reverse_order = ShiftFlowCell(channels, mirror=True)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.reverse_order(self.forward_order(z))

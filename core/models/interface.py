@@ -23,7 +23,14 @@ class LatentGroup:
     z: torch.Tensor  # the group's value
     prior: DiagNormal  # p(z_l | z_<l) evaluated at the decoder state before the group
     context: torch.Tensor  # decoder state before the group (input of the prior's sampler)
-    posterior: DiagNormal | None = None  # q(z_l | x, z_<l) when the walk ran with an encoder
+    posterior: DiagNormal | None = None  # q(z_l | x, z_<l) when the walk ran with an encoder (its Normal part)
+    # q's Normal draw before flow cells shifted it into z (NVAE num_nf > 0); None: z is the Normal draw itself.
+    z_q: torch.Tensor | None = None
+
+    @property
+    def q_draw(self) -> torch.Tensor:
+        """The value of the group under q's Normal part: z, or the pre-flow draw when q ends with flow cells."""
+        return self.z if self.z_q is None else self.z_q
 
 
 @dataclass
@@ -36,7 +43,8 @@ class TowerPass:
     def to(self, dtype: torch.dtype) -> "TowerPass":
         """The same pass with every tensor cast (objectives run in fp32 whatever precision the network used)."""
         groups = [LatentGroup(g.z.to(dtype), g.prior.to(dtype), g.context.to(dtype),
-                              None if g.posterior is None else g.posterior.to(dtype)) for g in self.groups]
+                              None if g.posterior is None else g.posterior.to(dtype),
+                              None if g.z_q is None else g.z_q.to(dtype)) for g in self.groups]
         return TowerPass(groups=groups, x_dist=self.x_dist.to(dtype))
 
     @property
@@ -48,12 +56,16 @@ class TowerPass:
         return sum(sum_except_batch(g.prior.log_prob(g.z)) for g in self.groups)
 
     def log_q_z(self) -> torch.Tensor:
-        """Per-sample log q(z|x) = sum_l log q(z_l | x, z_<l) (needs a walk with an encoder)."""
-        return sum(sum_except_batch(g.posterior.log_prob(g.z)) for g in self.groups)
+        """Per-sample log q(z|x) = sum_l log q(z_l | x, z_<l) (needs a walk with an encoder). Flow cells are
+        shift-only (log|det| = 0), so q at the flowed z is the Normal part's density at the pre-flow draw."""
+        return sum(sum_except_batch(g.posterior.log_prob(g.q_draw)) for g in self.groups)
 
     def kl_per_group(self) -> torch.Tensor:
-        """(batch, groups) analytic KL(q(z_l|x,z_<l) || p(z_l|z_<l)) at the sampled z_<l (NVAE Eq. 2)."""
-        return torch.stack([sum_except_batch(g.posterior.kl(g.prior)) for g in self.groups], dim=1)
+        """(batch, groups) KL(q(z_l|x,z_<l) || p(z_l|z_<l)) at the sampled z_<l (NVAE Eq. 2): analytic for a Normal
+        q; with flow cells the one-sample estimate log q(z_l|x, z_<l) - log p(z_l|z_<l) at the sample, as NVAE."""
+        return torch.stack([sum_except_batch(g.posterior.kl(g.prior) if g.z_q is None else
+                                             g.posterior.log_prob(g.z_q) - g.prior.log_prob(g.z))
+                            for g in self.groups], dim=1)
 
 
 @runtime_checkable

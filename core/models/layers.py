@@ -22,7 +22,8 @@ class WeightNormalized:
     """Mixin for nn.Conv2d / nn.Linear: W = exp(g) * V / ||V|| per output unit (Salimans & Kingma 2016).
 
     The log-norm `g` is initialised to log||V|| so the layer starts as the plain layer. `normalized_weight()` is what
-    the forward pass, the spectral regularizer and data-dependent init all see.
+    the forward pass, the spectral regularizer and data-dependent init all see. A layer trained without weight
+    normalization is reproduced by V = its weight, g = `log_norm_reproducing(V)`.
     """
 
     weight: torch.Tensor
@@ -31,17 +32,27 @@ class WeightNormalized:
         self.weight_norm = weight_norm
         if weight_norm:
             with torch.no_grad():
-                init = torch.log(self._direction_norm(self.weight) + 1e-2)
+                init = torch.log(self._direction_norm(self.direction()) + 1e-2)
             self.log_weight_norm = nn.Parameter(init)
 
     @staticmethod
     def _direction_norm(w: torch.Tensor) -> torch.Tensor:
         return torch.sqrt(torch.sum(w * w, dim=tuple(range(1, w.dim())), keepdim=True))
 
+    def direction(self) -> torch.Tensor:
+        """V: the weight whose per-row norm is divided out (masked layers mask it first)."""
+        return self.weight
+
     def normalized_weight(self) -> torch.Tensor:
         if not self.weight_norm:
-            return self.weight
-        return torch.exp(self.log_weight_norm) * self.weight / (self._direction_norm(self.weight) + 1e-5)
+            return self.direction()
+        return torch.exp(self.log_weight_norm) * self.direction() / (self._direction_norm(self.direction()) + 1e-5)
+
+    @classmethod
+    def log_norm_reproducing(cls, weight: torch.Tensor) -> torch.Tensor:
+        """The g that makes the layer reproduce a plain (not weight-normalized) layer's `weight` given as V:
+        g = log(||V|| + 1e-5), computed in float64 (exact to rounding in the dtype it is stored in)."""
+        return torch.log(cls._direction_norm(weight.double()) + 1e-5)
 
 
 class WNConv2d(WeightNormalized, nn.Conv2d):
@@ -55,6 +66,48 @@ class WNConv2d(WeightNormalized, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.normalized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def autoregressive_mask(c_in: int, c_out: int, kernel_size: int, groups: int = 1, diagonal: bool = True,
+                        mirror: bool = False) -> torch.Tensor:
+    """(c_out, c_in / groups, k, k) 0/1 mask that makes a conv autoregressive in raster order (PixelCNN-style, as in
+    NVAE's flow cells): every pixel above the centre row and left of the centre is visible; at the centre, channels
+    are ordered and output channel o (group o // (c_out / c_in) when expanding) sees the input channels ordered before
+    it, and its own when `diagonal`. A depthwise conv sees its own channel at the centre when `diagonal`.
+    `mirror` flips the spatial order (bottom-right to top-left)."""
+    if kernel_size % 2 != 1:
+        raise ValueError(f"autoregressive_mask: kernel_size must be odd, got {kernel_size}")
+    m = kernel_size // 2
+    mask = torch.zeros(c_out, c_in // groups, kernel_size, kernel_size)
+    mask[:, :, :m, :] = 1.0
+    mask[:, :, m, :m] = 1.0
+    if groups == 1:
+        if c_out % c_in and c_in % c_out:
+            raise ValueError(f"autoregressive_mask: channels {c_in} -> {c_out} are not multiples of each other")
+        order_out = torch.arange(c_out) // max(c_out // c_in, 1)
+        order_in = torch.arange(c_in) // max(c_in // c_out, 1)
+        visible = order_in[None, :] <= order_out[:, None] if diagonal else order_in[None, :] < order_out[:, None]
+        mask[:, :, m, m] = visible.float()
+    elif groups == c_in == c_out:
+        mask[:, :, m, m] = 1.0 if diagonal else 0.0
+    else:
+        raise ValueError("autoregressive_mask: groups must be 1 or equal to the channel count")
+    return mask.flip(2, 3) if mirror else mask
+
+
+class MaskedWNConv2d(WNConv2d):
+    """Weight-normalized conv whose weight is multiplied by a fixed `autoregressive_mask` before normalization."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0, groups: int = 1,
+                 bias: bool = True, diagonal: bool = True, mirror: bool = False):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, padding=padding, groups=groups, bias=bias)
+        # Derived from the architecture, so not part of the state dict.
+        self.register_buffer("mask", autoregressive_mask(in_channels, out_channels, kernel_size, groups, diagonal,
+                                                         mirror), persistent=False)
+        self._init_weight_norm(True)
+
+    def direction(self) -> torch.Tensor:
+        return self.weight * self.mask
 
 
 class WNLinear(WeightNormalized, nn.Linear):
@@ -98,14 +151,15 @@ class FactorizedReduce(nn.Module):
 
 
 class UpsampleSkip(nn.Module):
-    """Up-sampling skip path: nearest x2 then a 1x1 conv to the new width."""
+    """Up-sampling skip path: bilinear x2 (align_corners=True) then a bias-free 1x1 conv to the new width, as NVAE's
+    up cells do (its `UpSample` + `Conv2D(C, C/2, 1)`; the conv's bias defaults to off there)."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.conv = WNConv2d(c_in, c_out, 1)
+        self.conv = WNConv2d(c_in, c_out, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True))
 
 
 def skip_connection(c_in: int, c_out: int, stride: int) -> nn.Module:

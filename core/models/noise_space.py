@@ -74,7 +74,8 @@ class NoiseSpaceVAE(nn.Module, abc.ABC):
         return tower.x_dist.noise_of(x), eps_z
 
     def posterior(self, x: torch.Tensor, eps_z: list[torch.Tensor] | None = None) -> TowerPass:
-        """Encode x and draw z ~ q(z|x) group by group (reparameterized; `eps_z` fixes the noise)."""
+        """Encode x and draw z ~ q(z|x) group by group (reparameterized; `eps_z` fixes the noise of q's Normal part,
+        z_q = mu_q + sigma_q * eps, which a backbone with flow cells then shifts into z)."""
         def choose(i: int, _prior: DiagNormal, post: DiagNormal | None) -> torch.Tensor:
             return post.sample(None if eps_z is None else eps_z[i])
         return self.walk(x.shape[0], choose, x=x)
@@ -92,6 +93,7 @@ class NoiseSpaceVAE(nn.Module, abc.ABC):
         return sum_except_batch(tower.x_dist.log_prob(x))
 
     def elbo(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)) (vaebm.md Eq. 3), one-sample estimate, analytic KL."""
+        """Per-sample ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)) (vaebm.md Eq. 3), one-sample estimate; the KL is
+        analytic per group, or log q - log p at the sample when q has flow cells (`TowerPass.kl_per_group`)."""
         tower = self.posterior(x)
         return self.log_p_x_given_z(tower, x) - tower.kl_per_group().sum(dim=1)

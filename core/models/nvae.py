@@ -2,15 +2,18 @@
 
 Structure (NVAE Fig. 2): stem -> pre-processing (stride-2 blocks) -> bottom-up encoder tower over latent scales ->
 top-down decoder tower that samples one latent group per combiner -> post-processing (up-sampling blocks) ->
-Normal p(x|z) over x in [-1, 1]. The top group's prior is N(0, I); every other group's prior is a Normal whose
-parameters come from the decoder state before it, and its posterior is a residual offset from that prior.
+Normal p(x|z) over x in [-1, 1]. The top group's prior is the Normal with raw parameters (0, 0), i.e. N(0, 1.01^2)
+under NVAE's sigma = exp(log sigma) + 0.01 (as the official implementation samples and scores it); every other group's
+prior is a Normal whose parameters come from the decoder state before it, and its posterior is a residual offset from
+that prior. With `num_nf > 0`, q(z|x) ends with shift-only autoregressive flow cells (NVAE Sec. 3.2); the generative
+path (prior and decoder) never uses them.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from core.models.cells import Cell, DecoderCombiner, EncoderCombiner
+from core.models.cells import Cell, DecoderCombiner, EncoderCombiner, FlowCell
 from core.models.distributions import DiagNormal
 from core.models.interface import LatentGroup, TowerPass
 from core.models.layers import WNConv2d
@@ -64,6 +67,7 @@ class NVAE(NoiseSpaceVAE):
         self.prior_heads = nn.ModuleList()  # ELU + 1x1 conv -> (mu, log sigma) of p(z_l | z_<l), l >= 1
         self.enc_combiners = nn.ModuleList()  # enc feature + conv(decoder state), l >= 1
         self.posterior_heads = nn.ModuleList()  # 3x3 conv -> (mu, log sigma) of q(z_l | x, z_<l)
+        self.flows = nn.ModuleList()  # num_nf flow cells per group, applied to q's Normal draw (empty if num_nf=0)
         self.dec_up = nn.ModuleList()
         self._scale_of_group: list[int] = []
         zc = c.num_latent_per_group
@@ -77,6 +81,7 @@ class NVAE(NoiseSpaceVAE):
                     self.prior_heads.append(nn.Sequential(nn.ELU(), WNConv2d(width_dec, 2 * zc, 1)))
                     self.enc_combiners.append(EncoderCombiner(width_enc, width_dec))
                 self.posterior_heads.append(WNConv2d(width_enc, 2 * zc, 3, padding=1))
+                self.flows.append(nn.Sequential(*[FlowCell(zc) for _ in range(c.num_nf)]))
                 self.dec_combiners.append(DecoderCombiner(width_dec, zc))
                 self._scale_of_group.append(s)
             if s < L - 1:
@@ -127,6 +132,8 @@ class NVAE(NoiseSpaceVAE):
         return DiagNormal.from_nvae_params(mu, log_sigma, self.config.min_sigma)
 
     def walk(self, batch: int, choose_z: ChooseZ, x: torch.Tensor | None = None) -> TowerPass:
+        """One top-down pass. With `x`, `choose_z` returns the draw of q's Normal part; with `num_nf > 0` the group's
+        flow cells then shift it into z (the draw is kept as `LatentGroup.z_q`). Without `x`, its value is z."""
         if x is not None:
             top_feature, enc_features = self.encode(x)
         state = self.prior_ftr0.unsqueeze(0).expand(batch, -1, -1, -1)
@@ -141,10 +148,9 @@ class NVAE(NoiseSpaceVAE):
             context = state
             posterior = None
             if l == 0:
-                shape = (batch, *self.latent_shapes()[0])
-                zeros = torch.zeros(shape, dtype=state.dtype, device=state.device)
-                prior = DiagNormal(zeros, torch.ones_like(zeros))
-                prior_raw = None
+                # NVAE's top prior: raw (mu, log sigma) = (0, 0) through the same parameterization as every Normal.
+                zeros = torch.zeros((batch, *self.latent_shapes()[0]), dtype=state.dtype, device=state.device)
+                prior = DiagNormal.from_nvae_params(zeros, zeros, self.config.min_sigma)
                 if x is not None:
                     posterior = self._normal(self.posterior_heads[0](top_feature))
             else:
@@ -154,11 +160,22 @@ class NVAE(NoiseSpaceVAE):
                     q_raw = self.posterior_heads[l](self.enc_combiners[l - 1](enc_features[l - 1], state))
                     posterior = self._normal(prior_raw + q_raw if self.config.res_dist else q_raw)
             z = choose_z(l, prior, posterior)
-            groups.append(LatentGroup(z=z, prior=prior, context=context, posterior=posterior))
+            z_q = None
+            if posterior is not None and self.config.num_nf > 0:
+                z_q, z = z, self.flows[l](z)
+            groups.append(LatentGroup(z=z, prior=prior, context=context, posterior=posterior, z_q=z_q))
             state = combiner(state, z)
         for cell in self.postprocess:
             state = cell(state)
         return TowerPass(groups=groups, x_dist=self._normal(self.image_head(state)))
+
+    def log_q_z(self, z: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Per-sample log q(z | x) of given groups (without flow cells; with them use `posterior(x).log_q_z()`)."""
+        if self.config.num_nf > 0:
+            raise NotImplementedError(
+                "NVAE.log_q_z at a given z needs the inverse of the autoregressive flow cells (num_nf > 0), one "
+                "pass per latent dimension; use posterior(x).log_q_z(), exact at the posterior's own samples")
+        return super().log_q_z(z, x)
 
     # ------------------------------------------------------------------------------------- regularization
     def spectral_penalty(self) -> torch.Tensor:

@@ -28,6 +28,7 @@ class NVAEConfig:
     num_cell_per_cond_dec: int = 1  # decoder cells between two latent groups
     use_se: bool = True  # squeeze-and-excitation at the end of every residual cell
     res_dist: bool = True  # residual posterior: q parameters are offsets from the prior's (NVAE Eq. 2)
+    num_nf: int = 0  # shift-only autoregressive flow cells (pairs) per group in q(z|x) (NVAE Sec. 3.2); 0: none
     num_x_bits: int = 8  # bits per channel of the input images (5 for CelebA-HQ-256, as in NVAE)
     min_sigma: float = 1e-2  # floor added to every Normal scale (NVAE's parameterization)
 
@@ -42,6 +43,7 @@ class NVAEConfig:
             (self.num_preprocess_cells >= 1 and self.num_postprocess_cells >= 1, "pre/post blocks need >= 1 cell"),
             (self.num_x_bits in range(1, 9), "num_x_bits must be in 1..8"),
             (self.min_sigma > 0, "min_sigma must be positive"),
+            (self.num_nf >= 0, "num_nf must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
