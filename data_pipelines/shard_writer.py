@@ -124,8 +124,8 @@ def _write_images(source: ImageSource, cfg: PrepareConfig, tmp: Path, name: str,
                 reason = ("too_large" if isinstance(e, ImageTooLargeError) else
                           "wrong_size" if isinstance(e, CropError) else "undecodable")
                 skipped.append({"origin": item.origin, "error": f"{type(e).__name__}: {e}", "reason": reason})
-                log.warning("skipping %s input %s: %s", "oversize" if reason == "too_large" else "undecodable",
-                            item.origin, e)
+                log.warning("skipping %s input %s: %s", {"too_large": "oversize", "wrong_size": "wrongly sized"}.get(
+                    reason, "undecodable"), item.origin, e)
                 if len(skipped) > allowed_bad:
                     raise DataCorruptionError(
                         f"{len(skipped)} of {len(source)} inputs failed to decode or exceed max_image_pixels="

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from core.evaluation.jobs import EvaluateConfig
 from mlflow_server import mlflow_server  # noqa: F401  (pytest fixture)
 from test_evaluation_fid import _write_standin_weights
 
@@ -109,3 +110,16 @@ def test_fid_with_standin_weights_and_missing_weights(trained):
     missing = _run("evaluate.py", [*args, f"inception.weights_path={tmp}/nowhere"], env, tmp, check=False)
     assert missing.returncode != 0
     assert "pt_inception-2015-12-05-6726825d.pth" in missing.stderr
+
+
+def test_paper_dataset_names_resolve_like_training(tmp_path, monkeypatch):
+    """`evaluate.py dataset=lsun_church64` (the README's paper commands) finds $VAEBM_DATA/lsun_church64 as the
+    training job does: the conf/dataset YAML's ${oc.env:VAEBM_DATA,data} is resolved, and the shards open."""
+    from data_pipelines import LoaderConfig, PrepareConfig, build_dataset, build_loader
+
+    build_dataset(PrepareConfig(source="digits", out=str(tmp_path / "lsun_church64"), size=16), progress=False)
+    monkeypatch.setenv("VAEBM_DATA", str(tmp_path))
+    dataset = EvaluateConfig(metric="iwae", dataset_ref="lsun_church64").dataset_config()
+    assert dataset.path == str(tmp_path / "lsun_church64") and dataset.name == "lsun_church64"
+    build_loader(dataset, LoaderConfig(batch_size=4, num_workers=0, backend="torch"), rank=0, world_size=1,
+                 seed=0).close()

@@ -323,3 +323,32 @@ def test_ll2d_row_on_a_reduced_protocol(tmp_path):
     assert row.extra["active_units"] >= 1 and any(tmp_path.glob("ll2d-*-latent_ebm-*.pt"))
     again = ll2d_row(ctx, config)  # from the cache: the same numbers
     assert torch.equal(again.log_likelihood, row.log_likelihood)
+
+
+def test_iwae_of_the_reweighted_prior_adds_f_and_subtracts_its_log_partition():
+    """metric=iwae on p(z) exp(f(z)) / Z with a constant f = c (head biases only): log Z is exactly c with zero
+    spread, and the model's NLL equals its backbone's from the same importance samples. Dropping f from the weights
+    or forgetting to subtract log Z moves the NLL by c."""
+    from presets import nvae_preset
+
+    from core.dist import DistInfo
+    from core.evaluation.jobs import EvaluateConfig, run_iwae
+    from core.methods.latent_ebm import LatentEBMModel, LatentSamplerConfig
+    from core.methods.nvae import VAEModel
+    from core.models import NVAE
+
+    torch.manual_seed(0)
+    backbone = NVAE(nvae_preset("tiny", image_size=16, num_channels_enc=8, num_channels_dec=8)).eval()
+    backbone.requires_grad_(False)
+    energy = LatentEnergy(LatentEnergyConfig(channels=8, hidden=16), backbone.latent_shapes()).eval()
+    with torch.no_grad():
+        for i, group in enumerate(energy.groups):
+            group.head.bias.fill_(0.25 * (i + 1))
+    c = sum(0.25 * (i + 1) for i in range(len(energy.groups)))
+    config = EvaluateConfig(metric="iwae", dataset_ref="digits", data={"size": 16}, eval_samples=8, batch_size=4,
+                            iwae_samples=3, iwae_log_z_samples=16)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    rows, metrics = run_iwae(config, info, LatentEBMModel(backbone, energy, LatentSamplerConfig()))
+    _, backbone_metrics = run_iwae(config, info, VAEModel(backbone))
+    assert rows[0]["log_z"] == pytest.approx(c, abs=1e-6) and rows[0]["log_z_stderr"] == pytest.approx(0, abs=1e-9)
+    assert metrics["iwae/nll_nats"] == pytest.approx(backbone_metrics["iwae/nll_nats"], abs=1e-4)

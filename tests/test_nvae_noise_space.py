@@ -219,3 +219,14 @@ def test_conf_presets_are_diffs_over_the_defaults():
         path = pathlib.Path(__file__).resolve().parents[1] / "conf" / "nvae" / f"{name}.yaml"
         diff = yaml.safe_load(path.read_text()) or {}
         assert all(defaults[k] != v for k, v in diff.items()), f"{path.name} repeats a default"
+
+
+def test_an_nvae_saved_before_the_official_skip_path_is_refused_with_the_reason():
+    from core.methods.nvae import float_state, load_vae, vae_bundle
+
+    model = NVAE(PRESETS["tiny"].at_test_size())
+    weights = float_state(model)
+    assert torch.equal(load_vae(vae_bundle(model), weights).prior_ftr0, model.prior_ftr0)
+    old = {**weights, "dec_up.0.skip.conv.bias": torch.zeros(model.dec_up[0].skip.conv.out_channels)}
+    with pytest.raises(ValueError, match="earlier version of vaebm"):
+        load_vae(vae_bundle(model), old)

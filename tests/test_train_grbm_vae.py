@@ -4,6 +4,7 @@ likelihood report on the trained model, and the real 2-rank `deepspeed` launcher
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -148,4 +149,10 @@ def test_two_rank_resume_is_bit_identical(tmp_path):
     resumed (two launches instead of three: the checkpoint B resumes from is the one A wrote while continuing)."""
     r = resume_is_bit_identical(SMALL, tmp_path, checkpoint_nimg=32, final_nimg=64)
     assert r.bundle["kind"] == "grbm_vae" and any(k.startswith("grbm.") for k in r.weights)
+    # the run directory reads without MLflow: rank 0's log and every report's metrics, appended across the resume
+    stats = [json.loads(line) for line in (r.run_b / "stats.jsonl").read_text().splitlines()]
+    reports = [s["step"] for s in stats if "train/loss" in s["metrics"]]
+    assert reports == [16, 32, 48, 64, 48, 64]  # A's four reports (copied), then the resumed run's two
+    log_b = (r.run_b / "log.txt").read_text()
+    assert log_b.index("nimg=16 ") < log_b.index("resuming from nimg-000000000032") < log_b.rindex("nimg=64 ")
     assert any((r.run_a / "samples").glob("*-samples.png"))

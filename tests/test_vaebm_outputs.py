@@ -85,15 +85,29 @@ def test_every_preset_samples_decoder_means_and_chains_as_configured(tiny, exper
 @pytest.mark.parametrize("use_mean", [False, True])
 def test_models_published_before_chain_use_mean_keep_their_chain(tiny, use_mean):
     """A bundle written before the chain and the negatives had separate settings (one `use_mean` for both) loads
-    with the chain it was trained with."""
+    with the chain and the target it was trained with."""
     backbone, energy = tiny
-    sampler = dataclasses.asdict(SamplerConfig(use_mean=use_mean))
+    sampler = dataclasses.asdict(SamplerConfig(use_mean=use_mean, target="reference"))
     del sampler["chain_use_mean"]
     bundle = {"kind": "vaebm", "backbone": vae_bundle(backbone), "energy": dataclasses.asdict(energy.config),
               "sampler": sampler}
     weights = {**{f"backbone.{k}": v for k, v in float_state(backbone).items()},
                **{f"energy.{k}": v for k, v in float_state(energy).items()}}
-    assert VAEBMModel.from_bundle(bundle, weights).sampler.chain_use_mean is use_mean
+    restored = VAEBMModel.from_bundle(bundle, weights).sampler
+    assert restored.chain_use_mean is use_mean
+    assert restored.target == "joint"  # what "reference" computed before it became the official code's target
+
+
+def test_reference_target_needs_an_nvae_backbone():
+    from core.methods.base import MethodContext
+    from core.methods.vaebm import VAEBMConfig, VAEBMMethod
+    from core.models.mlp_vae import MLPVAE, MLPVAEConfig
+
+    cfg = VAEBMConfig(energy=EnergyNetConfig(arch="mlp", data_dim=2))
+    cfg.sampler.target = "reference"
+    ctx = MethodContext(device=torch.device("cpu"), seed=0, rank=0, total_nimg=64, sample_count=4)
+    with pytest.raises(ValueError, match="needs an NVAE backbone"):
+        VAEBMMethod(cfg, ctx, backbone=MLPVAE(MLPVAEConfig(data_dim=2, latent_dim=2)), backbone_bundle={})
 
 
 def test_reference_target_is_the_official_formula(tiny):
@@ -107,10 +121,12 @@ def test_reference_target_is_the_official_formula(tiny):
     eps_x, eps_z = 3.0 * eps_x.double(), [e.double() for e in eps_z]
     with torch.no_grad():  # make the decoder sharp somewhere: sigma under exp(-2) + 0.01
         backbone.image_head[1].bias[3:] -= 2.5
+    state = [t.clone().requires_grad_(True) for t in join_state(eps_x, eps_z)]
+    mine = [t.clone().requires_grad_(True) for t in join_state(eps_x, eps_z)]
     try:
-        u_ref = make_vaebm_potential(backbone, energy, mode="reference")(join_state(eps_x, eps_z))
+        u_ref = make_vaebm_potential(backbone, energy, mode="reference")(state)
         u_joint = make_vaebm_potential(backbone, energy, mode="joint")(join_state(eps_x, eps_z))
-        x, tower = backbone.generate(eps_z, eps_x, 1.0)
+        x, tower = backbone.generate(mine[1:], mine[0], 1.0)
         mu, sigma = tower.x_dist.mu, tower.x_dist.sigma
         assert (x.abs() > 1).any() and (sigma < math.exp(-2) + 0.01).any()
         xc = x.clamp(-1, 1)
@@ -121,8 +137,13 @@ def test_reference_target_is_the_official_formula(tiny):
     finally:
         with torch.no_grad():
             backbone.image_head[1].bias[3:] += 2.5
-    torch.testing.assert_close(u_ref.double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(u_ref.double(), want, rtol=1e-6, atol=1e-6)  # U is evaluated in fp32
     assert (u_ref - u_joint).abs().min() > 1.0
+    # Langevin moves on the gradient: the clamp and the floor must act on it as in the formula
+    got = torch.autograd.grad(u_ref.sum(), state)
+    ref = torch.autograd.grad(want.sum(), mine)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-6)
 
 
 def test_celebahq256_positives_have_256_levels_while_its_backbone_sees_32():

@@ -113,12 +113,13 @@ class EvaluateConfig:
                 raise ConfigError(f"dataset: {err}") from None
 
     def dataset_config(self) -> DatasetConfig:
-        """conf/dataset/<name>.yaml or a shard directory, plus `data` overrides."""
-        import yaml
+        """conf/dataset/<name>.yaml or a shard directory, plus `data` overrides. The YAML is resolved as training
+        resolves it (`${oc.env:VAEBM_DATA,data}` and other interpolations)."""
+        from omegaconf import OmegaConf
 
         yaml_path = CONF_DIR / "dataset" / f"{self.dataset_ref}.yaml"
         if yaml_path.is_file():
-            values = yaml.safe_load(yaml_path.read_text()) or {}
+            values = OmegaConf.to_container(OmegaConf.load(yaml_path), resolve=True) or {}
         elif Path(self.dataset_ref).expanduser().is_dir():
             values = {"name": Path(self.dataset_ref).name, "path": str(Path(self.dataset_ref).expanduser())}
         else:

@@ -30,7 +30,7 @@ import torch
 
 from core.methods.base import BackboneConfig, Method, MethodContext, StepCounter, register_method
 from core.methods.bundles import SampleOptions, Samples, TrainedModel, freeze, register, sub_state
-from core.methods.nvae import build_vae, float_state
+from core.methods.nvae import float_state, load_vae
 from core.methods.potentials import chain_start, decode, join_state, make_latent_potential
 from core.methods.vaebm import energy_divergence
 from core.models.distributions import sum_except_batch
@@ -416,8 +416,7 @@ class LatentEBMModel(TrainedModel):
 
     @classmethod
     def from_bundle(cls, bundle: dict[str, Any], weights: dict[str, torch.Tensor]) -> "LatentEBMModel":
-        backbone = build_vae(bundle["backbone"])
-        backbone.load_state_dict(sub_state(weights, "backbone"), strict=True)
+        backbone = load_vae(bundle["backbone"], sub_state(weights, "backbone"))
         energy = LatentEnergy(LatentEnergyConfig(**bundle["energy"]), bundle["latent_shapes"])
         energy.load_state_dict(sub_state(weights, "energy"), strict=True)
         s = dict(bundle["sampler"])

@@ -30,7 +30,7 @@ import torch
 
 from core.methods.base import BackboneConfig, Method, MethodContext, register_method
 from core.methods.bundles import SampleOptions, Samples, TrainedModel, freeze, register, sub_state
-from core.methods.nvae import build_vae, float_state
+from core.methods.nvae import float_state, load_vae
 from core.methods.potentials import chain_start, decode, join_state, make_latent_potential, split_state
 from core.models.ncp_classifier import NCPClassifierConfig, NCPClassifiers
 from core.models.nvae import NVAE
@@ -310,8 +310,7 @@ class NCPVAEModel(TrainedModel):
 
     @classmethod
     def from_bundle(cls, bundle: dict[str, Any], weights: dict[str, torch.Tensor]) -> "NCPVAEModel":
-        backbone = build_vae(bundle["backbone"])
-        backbone.load_state_dict(sub_state(weights, "backbone"), strict=True)
+        backbone = load_vae(bundle["backbone"], sub_state(weights, "backbone"))
         shapes = [(tuple(z), tuple(c)) for z, c in bundle["group_shapes"]]
         classifiers = NCPClassifiers(shapes, NCPClassifierConfig(**bundle["classifier"]))
         classifiers.load_state_dict(sub_state(weights, "classifier"), strict=True)

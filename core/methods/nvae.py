@@ -137,9 +137,7 @@ class VAEModel(TrainedModel):
 
     @classmethod
     def from_bundle(cls, bundle: dict[str, Any], weights: dict[str, torch.Tensor]) -> "VAEModel":
-        model = build_vae(bundle)
-        model.load_state_dict(weights, strict=True)
-        return cls(model)
+        return cls(load_vae(bundle, weights))
 
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "VAEModel":
         self.model = freeze(self.model, device, dtype)
@@ -168,3 +166,19 @@ def build_vae(bundle: dict[str, Any]) -> NoiseSpaceVAE:
         raise ValueError(f"{kind!r} is not a VAE backbone kind ({', '.join(_VAE_KINDS)})")
     module_cls, config_cls = _VAE_KINDS[kind]
     return module_cls(config_cls(**bundle[kind]))
+
+
+def load_vae(bundle: dict[str, Any], weights: dict[str, torch.Tensor]) -> NoiseSpaceVAE:
+    """`build_vae` with its weights loaded strictly. An NVAE saved before its up-sampling skip became the official
+    bilinear, bias-free one (and its top prior sigma 1.01) carries `skip.conv.bias` keys: refused with the reason."""
+    model = build_vae(bundle)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        old_skip = [k for k in weights if k.startswith(("dec_up.", "postprocess.")) and k.endswith("skip.conv.bias")]
+        if bundle.get("kind") == "nvae" and old_skip:
+            raise ValueError("this NVAE was saved by an earlier version of vaebm (nearest-neighbour up-sampling skip "
+                             "with a bias, top prior N(0, 1)), a different model than the official NVAE; retrain "
+                             "it, or import the official checkpoint (launchers/import_nvae.py)") from err
+        raise
+    return model

@@ -20,10 +20,11 @@ import torch
 
 from core.methods.base import BackboneConfig, Method, MethodContext, StepCounter, register_method
 from core.methods.bundles import SampleOptions, Samples, TrainedModel, freeze, register, sub_state
-from core.methods.nvae import build_vae, float_state
+from core.methods.nvae import float_state, load_vae
 from core.methods.potentials import (TARGET_MODES, chain_start, decode, join_state, make_vaebm_potential,
                                      split_state)
 from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init
+from core.models.nvae import NVAE
 from core.objectives.ebm import vaebm_loss
 from core.optim.clipped_adam import ClippedAdam
 from core.optim.config import OptimConfig
@@ -196,6 +197,9 @@ class VAEBMMethod(Method):
         if config.energy.arch != "mlp" and x_shape != want:
             raise ValueError(f"the backbone generates {x_shape} but the energy network expects {want}: "
                              f"set energy.image_size / energy.in_channels")
+        if config.sampler.target == "reference" and not isinstance(backbone, NVAE):
+            raise ValueError("sampler.target=reference is the official code's image target (pixels clamped to [-1, 1], "
+                             "NVAE's log-sigma floor): it needs an NVAE backbone; use exact or joint")
         torch.manual_seed(ctx.seed)  # identical initial weights on every rank
         self.energy = EnergyNet(config.energy).to(ctx.device)
         self.energy_fp32 = CastingEnergy(self.energy)
@@ -332,12 +336,13 @@ class VAEBMModel(TrainedModel):
 
     @classmethod
     def from_bundle(cls, bundle: dict[str, Any], weights: dict[str, torch.Tensor]) -> "VAEBMModel":
-        backbone = build_vae(bundle["backbone"])
-        backbone.load_state_dict(sub_state(weights, "backbone"), strict=True)
+        backbone = load_vae(bundle["backbone"], sub_state(weights, "backbone"))
         energy = EnergyNet(EnergyNetConfig(**bundle["energy"]))
         energy.load_state_dict(sub_state(weights, "energy"), strict=True)
         s = dict(bundle["sampler"])
-        s.setdefault("chain_use_mean", s.get("use_mean", False))  # models published before the two were separate
+        if "chain_use_mean" not in s:  # published before the chain and the negatives had separate settings, when
+            s["chain_use_mean"] = s.get("use_mean", False)  # one use_mean set both, and "reference" meant "joint"
+            s["target"] = "joint" if s.get("target") == "reference" else s.get("target", "exact")
         sampler = SamplerConfig(**{**s, "langevin": LangevinConfig(**s["langevin"])})
         return cls(backbone, energy, sampler)
 

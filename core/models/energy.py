@@ -95,13 +95,16 @@ class EnergyNetConfig:
         return count + 1  # head
 
 
-def _fp32_pixels(layer: WNConv2d | WNLinear, op: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]):
-    """Run `op(weight, bias)` in fp32 whatever the parameter dtype or autocast; the result in the parameter dtype
-    (left fp32 under autocast, which casts it for the next layer)."""
+def _fp32_pixels(layer: WNConv2d | WNLinear,
+                 op: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+    """A pixel-reading layer computed in at least fp32 (float64 stays float64) whatever the parameter dtype or
+    autocast: `op(dtype, weight, bias)` gets the compute dtype and the weight and bias cast to it. The result comes
+    back in the parameter dtype (as it is under autocast, which casts it for the next layer)."""
     device = layer.weight.device.type
+    dtype = torch.promote_types(layer.weight.dtype, torch.float32)
     autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)  # (no autocast on "meta")
     with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
-        h = op(layer.normalized_weight().float(), None if layer.bias is None else layer.bias.float())
+        h = op(dtype, layer.normalized_weight().to(dtype), None if layer.bias is None else layer.bias.to(dtype))
     return h if autocast else h.to(layer.weight.dtype)
 
 
@@ -115,15 +118,15 @@ class PixelWNConv2d(WNConv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _fp32_pixels(self, lambda w, b: F.conv2d(x.float(), w, b, self.stride, self.padding, self.dilation,
-                                                        self.groups))
+        return _fp32_pixels(self, lambda dt, w, b: F.conv2d(x.to(dt), w, b, self.stride, self.padding, self.dilation,
+                                                            self.groups))
 
 
 class PixelWNLinear(WNLinear):
     """The mlp energy's first layer, fp32 on its inputs like `PixelWNConv2d`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _fp32_pixels(self, lambda w, b: F.linear(x.float(), w, b))
+        return _fp32_pixels(self, lambda dt, w, b: F.linear(x.to(dt), w, b))
 
 
 class EnergyNet(nn.Module):

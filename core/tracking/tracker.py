@@ -10,6 +10,7 @@ Models go to ``model/<name>/<UTC time>/`` of the stage run (unique per call) and
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import posixpath
 import re
@@ -33,6 +34,7 @@ _PARAM_VALUE_MAX = 500  # longer values are cut (with a marker) so configs stay 
 _TAG_VALUE_MAX = 5000  # below MLflow's 8000-char tag limit
 _KEY_MAX = 250  # MLflow's entity key limit
 _TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+STATS_FILE = "stats.jsonl"  # every logged metric, one JSON object per log_metrics call (rank 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,6 +103,8 @@ class Tracker:
         self.config = config
         self.active = bool(config.enabled and is_rank0)
         self.run_dir = Path(run_dir)
+        # Every metric also lands in <run dir>/stats.jsonl (rank 0, tracking on or off): a run reads without MLflow.
+        self.stats_file: Path | None = self.run_dir / STATS_FILE if is_rank0 else None
         self.uri: str | None = None
         self._pipeline: str | None = None
         self._parent_key: str | None = None
@@ -194,18 +198,31 @@ class Tracker:
             self._put({"op": "params", "key": self._stage_key, "params": flat})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log scalar metrics at `step` on the stage run; NaN/inf are kept (MLflow stores them)."""
-        if not self._ready("log_metrics"):
-            return
+        """Log scalar metrics at `step` on the stage run; NaN/inf are kept (MLflow stores them). They are appended to
+        `stats.jsonl` in the run directory first, one JSON object per call: {"step", "time" (Unix s), "metrics"}."""
         ts = _now_ms()
-        entries = []
+        values = {}
         for k, v in _flatten(metrics).items():
             try:
-                entries.append([_key(k), float(v), ts, int(step)])
+                values[_key(k)] = float(v)
             except (TypeError, ValueError, RuntimeError):  # e.g. a string or a non-scalar tensor
                 self._warn_once(f"metric:{k}", "metric %r is not a scalar (%r); not logged", k, type(v).__name__)
-        if entries:
-            self._put({"op": "metrics", "key": self._stage_key, "metrics": entries})
+        self._append_stats(int(step), ts, values)
+        if not self._ready("log_metrics"):
+            return
+        if values:
+            self._put({"op": "metrics", "key": self._stage_key,
+                       "metrics": [[k, v, ts, int(step)] for k, v in values.items()]})
+
+    def _append_stats(self, step: int, ts_ms: int, values: dict[str, float]) -> None:
+        if self.stats_file is None or not values:
+            return
+        line = json.dumps({"step": step, "time": ts_ms / 1000.0, "metrics": values}, allow_nan=True)
+        try:
+            with self.stats_file.open("a") as f:
+                f.write(line + "\n")
+        except OSError as err:  # a full or read-only disk never stops training
+            self._warn_once("stats_file", "cannot append to %s: %s", self.stats_file, err)
 
     def set_tags(self, tags: Mapping) -> None:
         """Set tags on the stage run (flattened like params)."""

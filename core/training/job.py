@@ -30,6 +30,7 @@ from core.training.loop import LoopState, run_loop
 from core.training.preemption import Preempted, StopRequest
 from data_pipelines.loader_factory import build_loader
 
+RUN_LOG = "log.txt"  # rank 0's log lines, appended across resumes
 log = logging.getLogger("vaebm.train")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Job-level sections a nested backbone stage inherits from the command line (the method's own sections belong to
@@ -105,7 +106,7 @@ def _ensure_backbone(config, info: vdist.DistInfo, tracker: Tracker, run_dir: Pa
     # The same data as this run, whatever the backbone's preset says (its own checks still apply), at the backbone's
     # own bit depth (CelebA-HQ-256: NVAE trains on 5 bits, VAEBM's energy sees 8).
     nested.dataset = dataclasses.replace(config.dataset, num_bits=nested.dataset.num_bits)
-    nested_resolved["dataset"] = dataclasses.asdict(config.dataset)
+    nested_resolved["dataset"] = dataclasses.asdict(nested.dataset)
     nested.tracking = config.tracking
     nested.validate()
     backbone_dir = train(nested, nested_resolved, nested_overrides, parent_run_id=tracker.run_ids[0])
@@ -159,10 +160,24 @@ def train(config: JobConfig, resolved: dict[str, Any], overrides: list[str] | No
     refusal = vdist.broadcast_object(refusal)  # every rank of a turned-away job exits, none waits on a barrier
     if refusal is not None:
         raise RunDirLocked(refusal)
+    handler = _run_log(run_dir) if info.is_rank0 else None
     try:
         return _train_locked(config, resolved, overrides, parent_run_id, method_cls, run_dir, info)
     finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
         lock.release()
+
+
+def _run_log(run_dir: Path) -> logging.Handler:
+    """Rank 0's log lines also go to <run dir>/log.txt (appended across resumes), so a run reads without MLflow;
+    its metrics are in stats.jsonl (core.tracking.Tracker)."""
+    handler = logging.FileHandler(run_dir / RUN_LOG, mode="a", encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    return handler
 
 
 def _train_locked(config: JobConfig, resolved: dict[str, Any], overrides: list[str], parent_run_id: str | None,
