@@ -111,7 +111,7 @@ SMALL = ["method=latent_ebm", "dataset.size=16", "dataset.channels=3", "energy.c
 
 
 @pytest.mark.integration
-def test_two_rank_resume_is_bit_identical_and_jobs_accept_the_model(digits_backbone, tmp_path):
+def test_two_rank_resume_is_bit_identical_and_jobs_accept_the_model(digits_backbone, tmp_path, capsys):
     _, backbone_dir, _ = digits_backbone
     args = [*SMALL, f"backbone={backbone_dir}"]
     r = resume_is_bit_identical(args, tmp_path, checkpoint_nimg=16, final_nimg=32)
@@ -127,6 +127,7 @@ def test_two_rank_resume_is_bit_identical_and_jobs_accept_the_model(digits_backb
     out_dir = run_sampling(SampleConfig(model=str(run_a), n=4, out=str(tmp_path / "samples"), steps=2,
                                         batch_size=4, tracking=TrackingConfig(enabled=False)), {})
     assert len(list(out_dir.glob("0*.png"))) == 4 and (out_dir / "chains.png").is_file()
+    assert f"wrote 4 samples (one PNG each) to {out_dir}" in capsys.readouterr().out
     report = evaluate(EvaluateConfig(metric="ood", model=str(run_a), dataset_ref="digits", data={"size": 16},
                                      eval_samples=8, batch_size=4, ood_iwae_samples=2, ood_sets=["noise"],
                                      out=str(tmp_path / "ood"), tracking=TrackingConfig(enabled=False)), {})

@@ -6,6 +6,7 @@ what the model can do (`TrainedModel.sample`), never on its kind.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ class SampleConfig:
     init_temperature: float = 0.7  # temperature of those VAE samples
     bn_iterations: int = 20  # BN re-estimation passes for low_temperature init
     grid: bool = True  # also write grid.png (first 64 samples) and chains.png (a chain strip) on rank 0
+    progress: bool = True  # a progress bar with the ETA on rank 0 (batches of this rank)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # only for resolving models:/ URIs
     dist_timeout_s: float = 600.0  # collective timeout
     dry_run: bool = False  # print the resolved config and exit
@@ -67,6 +69,7 @@ def run_sampling(config: SampleConfig, resolved: dict[str, Any]) -> Path:
     """Every rank draws its share of `n` samples, seeded by (seed, rank, batch)."""
     import numpy as np
     import torchvision
+    from tqdm import tqdm
 
     from core import dist as vdist
     from core.evaluation.fid import to_uint8
@@ -79,7 +82,10 @@ def run_sampling(config: SampleConfig, resolved: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     mine = range(info.rank, config.n, info.world_size)  # global sample indices of this rank
     images: list[np.ndarray] = []
-    for b, start in enumerate(range(0, len(mine), config.batch_size)):
+    t0 = time.perf_counter()
+    batches = tqdm(range(0, len(mine), config.batch_size), desc="sampling", unit="batch",
+                   disable=not (info.is_rank0 and config.progress))
+    for b, start in enumerate(batches):
         indices = list(mine[start:start + config.batch_size])
         gen = torch.Generator(device=info.device).manual_seed(vdist.derive_seed(config.seed, info.rank, b))
         u8 = to_uint8(model.sample(len(indices), gen, config.options()).images).cpu()  # the FID conversion
@@ -97,6 +103,10 @@ def run_sampling(config: SampleConfig, resolved: dict[str, Any]) -> Path:
         first = torch.from_numpy(np.concatenate(images)[:64]).float() / 127.5 - 1
         save_grid(first, out / "grid.png", nrow=8)
     vdist.barrier()
+    if info.is_rank0:
+        what = "one PNG each" if config.format == "png" else f"samples-rank<r>.npz, {info.world_size} file(s)"
+        print(f"wrote {config.n} samples ({what}) to {out} in {time.perf_counter() - t0:.1f} s on "
+              f"{info.world_size} rank(s)", flush=True)
     return out
 
 
