@@ -389,8 +389,7 @@ class LatentEBMMethod(Method):
                   "sampler": dataclasses.asdict(self.config.sampler),
                   "energy_posterior_samples": self.config.energy_posterior_samples}
         weights = {f"energy.{k}": v for k, v in float_state(self.energy).items()}
-        weights.update({f"backbone.{k}": v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-                        for k, v in self.backbone.state_dict().items()})
+        weights.update({f"backbone.{k}": v for k, v in float_state(self.backbone).items()})
         return bundle, weights
 
     @classmethod

@@ -280,8 +280,7 @@ class NCPVAEMethod(Method):
                   "group_shapes": [[list(z), list(c)] for z, c in self.shapes], "backbone": self.backbone_bundle,
                   "sampler": dataclasses.asdict(self.config.sampler)}
         weights = {f"classifier.{k}": v for k, v in float_state(self.classifiers).items()}
-        weights.update({f"backbone.{k}": v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-                        for k, v in self.backbone.state_dict().items()})
+        weights.update({f"backbone.{k}": v for k, v in float_state(self.backbone).items()})
         return bundle, weights
 
     @classmethod
