@@ -84,13 +84,14 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def seed_everything(seed: int, rank: int, step: int) -> None:
-    """Reseed torch (CPU and CUDA), numpy and Python `random` from (seed, rank, step).
+def seed_everything(seed: int, rank: int, step: int, *more: int) -> None:
+    """Reseed torch (CPU and CUDA), numpy and Python `random` from (seed, rank, step, *more) (`more`: e.g. the
+    gradient-accumulation pass after the first).
 
     Reseeding every step makes a resumed run draw exactly the noise an uninterrupted one would, and distinct ranks
     never draw identical noise (DESIGN.md "Per-rank randomness").
     """
-    s = derive_seed(seed, rank, step)
+    s = derive_seed(seed, rank, step, *more)
     torch.manual_seed(s)
     np.random.seed(s % 2**32)
     random.seed(s)

@@ -13,7 +13,6 @@ from core.evaluation.jobs import EvaluateConfig, describe, evaluate
 from core.training.cli import run_job
 
 
-
 def _rename_dataset_args(argv: list[str]) -> list[str]:
     """`dataset=<name|dir|.npy>` -> `dataset_ref=...`, `dataset.<field>=v` -> `data.<field>=v`: Hydra would read
     `dataset=` as a choice from the conf/dataset group, which cannot name a directory or an .npy file."""
@@ -28,4 +27,6 @@ def _rename_dataset_args(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_job(EvaluateConfig, "evaluate", _rename_dataset_args(sys.argv[1:]), evaluate, describe))
+    sys.exit(run_job(EvaluateConfig, "evaluate", _rename_dataset_args(sys.argv[1:]), evaluate, describe, doc=__doc__,
+                     choices={"dataset": ("dataset", "a conf/dataset name, a shard directory, or (ll2d) gaussians25 "
+                                                     "| <points.npy>; read as dataset_ref")}))

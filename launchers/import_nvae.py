@@ -18,7 +18,7 @@ EXIT_NOT_REGISTERED = 3
 
 def main(argv: list[str]) -> int:
     try:
-        return run_job(ImportNVAEConfig, "import_nvae", argv, import_nvae, describe)
+        return run_job(ImportNVAEConfig, "import_nvae", argv, import_nvae, describe, doc=__doc__)
     except (OfficialCheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

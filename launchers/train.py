@@ -10,4 +10,4 @@ import sys
 from core.training.cli import run_training
 
 if __name__ == "__main__":
-    sys.exit(run_training(sys.argv[1:]))
+    sys.exit(run_training(sys.argv[1:], doc=__doc__))

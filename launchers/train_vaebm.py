@@ -1,4 +1,4 @@
-"""VAEBM: the energy network with a Langevin negative phase in the backbone's noise space (vaebm.md Sec. 3).
+r"""VAEBM: the energy network with a Langevin negative phase in the backbone's noise space (vaebm.md Sec. 3).
 `launchers/train.py method=vaebm`, under the name our users know.
 
     deepspeed launchers/train_vaebm.py                              # quickstart: digits, trains its backbone first
@@ -12,4 +12,4 @@ import sys
 from core.training.cli import run_training
 
 if __name__ == "__main__":
-    sys.exit(run_training(sys.argv[1:], default_method="vaebm"))
+    sys.exit(run_training(sys.argv[1:], default_method="vaebm", doc=__doc__))

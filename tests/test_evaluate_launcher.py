@@ -14,11 +14,13 @@ from test_evaluation_fid import _write_standin_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 NVAE_ARGS = ["experiment=quickstart", "nvae.image_size=16", "nvae.num_channels_enc=8", "nvae.num_channels_dec=8",
-             "dataset.size=16", "loop.batch_size=4", "loop.total_nimg=64", "loop.checkpoint_every_nimg=64",
+             "dataset.size=16", "loop.batch_size=4",
+             "loop.global_batch=null", "loop.total_nimg=64", "loop.checkpoint_every_nimg=64",
              "loop.report_every_nimg=32", "loop.sample_every_nimg=64", "loop.sample_count=4",
              "loop.progress_bar=false", "loader.num_workers=0"]
 VAEBM_ARGS = ["dataset.size=16", "energy.image_size=16", "energy.base_channels=8", "sampler.langevin.num_steps=3",
-              "sampler.test_steps=4", "loop.batch_size=4", "loop.total_nimg=32", "loop.checkpoint_every_nimg=32",
+              "sampler.test_steps=4", "loop.batch_size=4",
+              "loop.global_batch=null", "loop.total_nimg=32", "loop.checkpoint_every_nimg=32",
               "loop.report_every_nimg=16", "loop.sample_every_nimg=32", "loop.sample_count=4",
               "loop.progress_bar=false", "loader.num_workers=0"]
 

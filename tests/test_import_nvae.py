@@ -241,7 +241,8 @@ def test_stage2_trains_on_an_imported_backbone(imported_dir, tmp_path):
     run = tmp_path / "vaebm"
     args = [f"backbone={imported_dir}", "backbone_train_if_missing=false", "dataset.size=32", "dataset.channels=3",
             "energy.image_size=32", "energy.in_channels=3", "energy.base_channels=8", "sampler.langevin.num_steps=2",
-            "sampler.test_steps=2", "loop.batch_size=4", "loop.total_nimg=16", "loop.checkpoint_every_nimg=16",
+            "sampler.test_steps=2", "loop.batch_size=4",
+            "loop.global_batch=null", "loop.total_nimg=16", "loop.checkpoint_every_nimg=16",
             "loop.report_every_nimg=8", "loop.sample_every_nimg=16", "loop.sample_count=4",
             "loop.progress_bar=false", "loader.num_workers=0", "tracking.enabled=false", "report.enabled=false",
             f"run.dir={run}"]

@@ -23,7 +23,8 @@ from test_train_nvae import _final_weights
 
 # 2 CPU ranks x 4 images: long enough to be interrupted mid-run, a periodic checkpoint every 160 images.
 ARGS = ["experiment=quickstart", "nvae.image_size=16", "nvae.num_channels_enc=8", "nvae.num_channels_dec=8",
-        "dataset.size=16", "loop.batch_size=4", "loop.total_nimg=640", "loop.checkpoint_every_nimg=160",
+        "dataset.size=16", "loop.batch_size=4",
+        "loop.global_batch=null", "loop.total_nimg=640", "loop.checkpoint_every_nimg=160",
         "loop.report_every_nimg=80", "loop.sample_every_nimg=640", "loop.sample_count=4", "loop.progress_bar=false",
         "loader.num_workers=0", "run.dist_timeout_s=60", "tracking.enabled=false"]
 GRACE_S = 30  # Kubernetes' default terminationGracePeriodSeconds

@@ -23,7 +23,8 @@ from core.tracking import read_model_dir
 from core.training.checkpoint import verify_manifest, write_manifest
 
 ARGS = ["nvae.image_size=16", "nvae.num_channels_enc=8", "nvae.num_channels_dec=8", "dataset.size=16",
-        "loop.batch_size=4", "loop.checkpoint_every_nimg=16", "loop.report_every_nimg=16", "loop.sample_every_nimg=64",
+        "loop.batch_size=4", "loop.global_batch=null", "loop.checkpoint_every_nimg=16", "loop.report_every_nimg=16",
+        "loop.sample_every_nimg=64",
         "loop.sample_count=4", "loop.progress_bar=false", "loader.num_workers=0", "tracking.enabled=false",
         "loop.keep_checkpoints=5", "run.dist_timeout_s=60"]
 

@@ -20,9 +20,10 @@ pytestmark = pytest.mark.integration
 
 
 def _cfg(server, experiment: str, **kw) -> TrackingConfig:
-    # Short intervals so outages and recoveries are observed within a test's time budget.
+    # Short intervals so outages and recoveries are observed within a test's time budget; no system metrics, so
+    # the queue holds exactly what a test logged (test_mlflow_conventions.py covers them).
     return TrackingConfig(tracking_uri=server.uri, experiment=experiment,
-                          **{"request_timeout_s": 3.0, "retry_interval_s": 0.3, **kw})
+                          **{"request_timeout_s": 3.0, "retry_interval_s": 0.3, "system_metrics": False, **kw})
 
 
 def _state_dict(seed: int) -> dict[str, torch.Tensor]:

@@ -137,7 +137,8 @@ def test_likelihood_report_on_the_trained_model(trained):
 
 
 # ---------------------------------------------------------------------------------------- 2 ranks, resume
-SMALL = ["method=grbm_vae", "experiment=quickstart", "loop.batch_size=8", "loop.total_nimg=64",
+SMALL = ["method=grbm_vae", "experiment=quickstart", "loop.batch_size=8",
+         "loop.global_batch=null", "loop.total_nimg=64",
          "loop.checkpoint_every_nimg=32", "loop.report_every_nimg=16", "loop.sample_every_nimg=32",
          "loop.sample_count=4", "loop.progress_bar=false", "loader.num_workers=0", "run.dist_timeout_s=60",
          "sampler.steps=3", "tracking.enabled=false", "report.enabled=false"]

@@ -22,7 +22,8 @@ from core.training.config import ConfigError, compose_job
 from core.training.job import inherited_overrides
 
 SMALL_NVAE = ["nvae.image_size=16", "nvae.num_channels_enc=8", "nvae.num_channels_dec=8"]
-SMALL_LOOP = ["loop.batch_size=4", "loop.total_nimg=32", "loop.checkpoint_every_nimg=32", "loop.report_every_nimg=16",
+SMALL_LOOP = ["loop.batch_size=4", "loop.global_batch=null", "loop.total_nimg=32", "loop.checkpoint_every_nimg=32",
+              "loop.report_every_nimg=16",
               "loop.sample_every_nimg=32", "loop.sample_count=4", "loop.progress_bar=false", "loader.num_workers=0",
               "tracking.enabled=false"]
 
@@ -171,11 +172,12 @@ def test_rng_streams_round_trip_through_a_pickle_free_file(tmp_path):
 
 @pytest.mark.integration
 def test_input_errors_after_start_are_one_line_exit_2_and_failed_runs(tmp_path):
-    """A missing dataset or a backbone that does not exist is found after start: one line, exit code 2 (Kubernetes
-    fails the Job at once), the MLflow runs end FAILED, and a misnamed backbone is never replaced by training one."""
+    """A missing dataset (found before any rank communicates or any MLflow run starts) or a backbone that does not
+    exist (found after start: its MLflow runs end FAILED): one line, exit code 2 (Kubernetes fails the Job at once),
+    and a misnamed backbone is never replaced by training one."""
     from mlflow import MlflowClient
 
-    cases = [("train_nvae.py", [f"dataset.path={tmp_path / 'nowhere'}"], "missing manifest"),
+    cases = [("train_nvae.py", [f"dataset.path={tmp_path / 'nowhere'}"], "the directory does not exist; write shards there"),
              ("train_vaebm.py", ["backbone=models:/nope@latest"], "backbone_train_if_missing trains only "
                                                                      "models:/nvae-digits@<alias>")]
     for script, args, message in cases:

@@ -105,7 +105,8 @@ def test_method_samples_are_at_least_as_confident_as_the_backbone(digits_backbon
 SMALL = ["method=latent_ebm", "dataset.size=16", "dataset.channels=3", "energy.channels=8", "energy.hidden=16",
          "sampler.langevin.num_steps=3", "sampler.test_steps=3", "sampler.persistent=true", "buffer.capacity=32",
          "buffer.anneal_iterations=2", "hierarchy_rows=2", "expected_latent_groups=[2x8x4x4,2x8x8x8]",
-         "loop.batch_size=4", "loop.total_nimg=32", "loop.checkpoint_every_nimg=16", "loop.report_every_nimg=8",
+         "loop.batch_size=4",
+         "loop.global_batch=null", "loop.total_nimg=32", "loop.checkpoint_every_nimg=16", "loop.report_every_nimg=8",
          "loop.sample_every_nimg=32", "loop.sample_count=4", "loop.progress_bar=false", "loader.num_workers=0",
          "run.dist_timeout_s=60", "tracking.enabled=false"]
 

@@ -108,7 +108,8 @@ def test_amortized_objective_is_the_negative_elbo_with_the_ebm_prior_plus_the_ne
 
 # ------------------------------------------------------------------------------------------------ 2 CPU ranks
 SMALL = ["method=lebm", "experiment=joint_quickstart", "generator.ngf=8", "sampler.prior_steps=6",
-         "sampler.posterior_steps=3", "loop.batch_size=4", "loop.total_nimg=64", "loop.checkpoint_every_nimg=32",
+         "sampler.posterior_steps=3", "loop.batch_size=4",
+         "loop.global_batch=null", "loop.total_nimg=64", "loop.checkpoint_every_nimg=32",
          "loop.report_every_nimg=16", "loop.sample_every_nimg=32", "loop.sample_count=4", "loop.keep_checkpoints=3",
          "loop.progress_bar=false", "loader.num_workers=0", "run.dist_timeout_s=60", "tracking.enabled=false",
          "report.enabled=false"]

@@ -15,7 +15,8 @@ from core.tracking import write_model_dir
 from core.training.cli import run_training
 
 SMALL = ["dataset.size=16", "dataset.channels=3", "classifier.base_channels=8", "sampler.candidates=4",
-         "sampler.langevin.num_steps=2", "loop.batch_size=4", "loop.total_nimg=64", "loop.checkpoint_every_nimg=32",
+         "sampler.langevin.num_steps=2", "loop.batch_size=4",
+         "loop.global_batch=null", "loop.total_nimg=64", "loop.checkpoint_every_nimg=32",
          "loop.report_every_nimg=16", "loop.sample_every_nimg=32", "loop.sample_count=4", "loop.progress_bar=false",
          "loader.num_workers=0", "run.dist_timeout_s=60", "tracking.enabled=false"]
 

@@ -24,7 +24,8 @@ from launch import ROOT, deepspeed, finish, launch_env
 from mlflow_server import mlflow_server  # noqa: F401  (pytest fixture)
 
 SMALL = ["experiment=quickstart", "nvae.image_size=16", "nvae.num_channels_enc=8", "nvae.num_channels_dec=8",
-         "dataset.size=16", "loop.batch_size=4", "loop.total_nimg=64", "loop.checkpoint_every_nimg=32",
+         "dataset.size=16", "loop.batch_size=4",
+         "loop.global_batch=null", "loop.total_nimg=64", "loop.checkpoint_every_nimg=32",
          "loop.report_every_nimg=16", "loop.sample_every_nimg=32", "loop.sample_count=4", "loop.progress_bar=false",
          "loader.num_workers=0", "run.dist_timeout_s=60"]
 

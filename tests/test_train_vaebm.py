@@ -21,7 +21,8 @@ from core.training.cli import run_training
 # A stage-2 run small enough for CI: 16x16 digits, a narrow energy net, 3 Langevin steps, a replay buffer.
 SMALL2 = ["dataset.size=16", "energy.image_size=16", "energy.base_channels=8", "sampler.langevin.num_steps=3",
           "sampler.test_steps=4", "sampler.persistent=true", "buffer.capacity=64", "buffer.anneal_iterations=2",
-          "loop.batch_size=4", "loop.total_nimg=64", "loop.checkpoint_every_nimg=32", "loop.report_every_nimg=16",
+          "loop.batch_size=4",
+          "loop.global_batch=null", "loop.total_nimg=64", "loop.checkpoint_every_nimg=32", "loop.report_every_nimg=16",
           "loop.sample_every_nimg=32", "loop.sample_count=4", "loop.progress_bar=false", "loader.num_workers=0",
           "run.dist_timeout_s=60", "tracking.enabled=false"]
 

@@ -49,7 +49,10 @@ class EvaluateConfig:
     data: dict[str, Any] = field(default_factory=dict)  # DatasetConfig overrides; command line: dataset.size=16
     out: str = "runs/evaluate"  # where the JSON/markdown results (and the ll2d model cache) are written
     batch_size: int = 64  # images per rank per forward pass (generation, Inception, IWAE)
-    seed: int = 0  # samples and estimators are functions of (seed, rank, batch)
+    # fid samples are a function of (seed, batch_size, index) on any number of ranks (sample.py's blocks: with the
+    # same seed and batch_size, and n = fid_samples, sample.py writes exactly the images scored); the estimators of
+    # recon/iwae/ood draw from (seed, rank, batch)
+    seed: int = 0
     eval_samples: int = 1000  # iwae/ood: in-distribution images evaluated (all ranks together); OOD sets the same
     # fid
     fid_samples: int = 1000  # generated images; the paper protocol is 50,000 (30,000 for CelebA-HQ-256): fid_preset
@@ -77,6 +80,7 @@ class EvaluateConfig:
     ll2d: Toy2DProtocol = field(default_factory=Toy2DProtocol)  # the 2-D protocol (core/evaluation/toy2d.py)
     ll2d_cache_dir: str | None = None  # trained 2-D models are reused from here; None: <out>/ll2d-cache
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow (models:/ URIs and result logging)
+    progress: bool = True  # progress bars with the ETA on rank 0 (the loops of fid, recon, iwae and ood)
     dist_timeout_s: float = 600.0  # collective timeout under deepspeed/torchrun
     dry_run: bool = False  # print the resolved config and exit
 
@@ -198,6 +202,14 @@ def model_runs(reference: str | None, tracking_uri: str) -> dict[str, str | None
 
 
 # -------------------------------------------------------------------------------------------------------- helpers
+def _progress(iterable, config: EvaluateConfig, info, desc: str, total: int | None = None, unit: str = "batch"):
+    """`iterable` with a progress bar and ETA on rank 0 (`config.progress`); unchanged elsewhere."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True,
+                disable=not (info.is_rank0 and config.progress))
+
+
 def _gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate a 1-D tensor over ranks (rank order); identity without a process group."""
     import torch.distributed as dist
@@ -268,9 +280,7 @@ def _ood_dataset(name: str, like: DatasetConfig, x_shape: tuple[int, ...], count
 
 # -------------------------------------------------------------------------------------------------------- metrics
 def run_fid(config: EvaluateConfig, info, model, uri: str) -> tuple[list[dict], dict[str, float]]:
-    from core import dist as vdist
     from core.evaluation.fid import compute_fid, load_inception, reference_stats
-    from core.methods import SampleOptions
     from data_pipelines import dataset_manifest_hash
 
     inception = load_inception(dataclasses.replace(config.inception, device=str(info.device)))
@@ -279,27 +289,31 @@ def run_fid(config: EvaluateConfig, info, model, uri: str) -> tuple[list[dict], 
     dataset = dataclasses.replace(_fit_dataset(config.dataset_config(), _x_shape(model)), num_bits=8)
     key = (f"{dataset_manifest_hash(dataset)}-r{dataset.resolution or 'native'}-c{dataset.channels}"
            f"-b{dataset.num_bits}-n{config.fid_reference_samples or 'all'}")
-    ref = reference_stats(_LazyBatches(lambda: _images(dataset, config.fid_reference_samples, config.batch_size,
-                                                       info.rank, info.world_size, info.device)),
-                          Path(config.fid_cache_dir).expanduser(), key, inception)
+    ref = reference_stats(_LazyBatches(lambda: _progress(
+        _images(dataset, config.fid_reference_samples, config.batch_size, info.rank, info.world_size, info.device),
+        config, info, "fid: reference images")), Path(config.fid_cache_dir).expanduser(), key, inception)
     n_total = config.num_fid_samples()
-    mine = len(range(info.rank, n_total, info.world_size))
-    # A plain VAE's images follow `nvae_use_mean`; an energy-based model's follow its trained sampler settings.
-    options = SampleOptions(steps=config.steps, step_size=config.step_size,
-                            use_mean=None if model.energy_based else config.nvae_use_mean)
-
-    def batches():
-        for b, start in enumerate(range(0, mine, config.batch_size)):
-            k = min(config.batch_size, mine - start)
-            gen = torch.Generator(device=info.device).manual_seed(vdist.derive_seed(config.seed, info.rank, b))
-            yield model.sample(k, gen, options).images.float()
-
     t = time.perf_counter()
-    fid = compute_fid(batches(), ref, inception)
+    fid = compute_fid(fid_sample_batches(model, config, info), ref, inception)
     rows = [{"model": model.kind, "dataset": dataset.name, "samples": n_total, "reference_images": ref.n,
              "fid": round(fid, 4)}]
     return rows, {"fid": fid, "fid/samples": float(n_total), "fid/reference_images": float(ref.n),
                   "fid/seconds": time.perf_counter() - t}
+
+
+def fid_sample_batches(model, config: EvaluateConfig, info):
+    """This rank's FID images, model space: the blocks of `core.evaluation.sampling.sample_blocks` over
+    num_fid_samples() with the generators of `block_generator`, so the images scored do not depend on the number of
+    ranks. A plain VAE's images follow `nvae_use_mean`; an energy-based model's its trained sampler settings."""
+    from core.evaluation.sampling import block_generator, sample_blocks
+    from core.methods import SampleOptions
+
+    options = SampleOptions(steps=config.steps, step_size=config.step_size,
+                            use_mean=None if model.energy_based else config.nvae_use_mean)
+    blocks = sample_blocks(config.num_fid_samples(), config.batch_size, info.rank, info.world_size)
+    for block in _progress(blocks, config, info, "fid: sampling + Inception"):
+        gen = block_generator(config.seed, block.index, info.device)
+        yield model.sample(len(block), gen, options).images.float()
 
 
 def run_recon(config: EvaluateConfig, info, model) -> tuple[list[dict], dict[str, float]]:
@@ -310,8 +324,8 @@ def run_recon(config: EvaluateConfig, info, model) -> tuple[list[dict], dict[str
 
     dataset = _fit_dataset(config.dataset_config(), _x_shape(model))
     total = torch.zeros(3, dtype=torch.float64, device=info.device)
-    for b, x in enumerate(_images(dataset, config.eval_samples, config.batch_size, info.rank, info.world_size,
-                                  info.device)):
+    images = _images(dataset, config.eval_samples, config.batch_size, info.rank, info.world_size, info.device)
+    for b, x in enumerate(_progress(images, config, info, "recon")):
         gen = torch.Generator(device=info.device).manual_seed(vdist.derive_seed(config.seed, info.rank, b))
         rec = model.reconstruct(x, gen)
         if rec is None:
@@ -383,7 +397,8 @@ def run_iwae(config: EvaluateConfig, info, model) -> tuple[list[dict], dict[str,
         log_z, log_z_se = prior_log_partition(vae, log_tilt, config.iwae_log_z_samples, config.batch_size, gen)
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
     torch.manual_seed(config.seed * 1000 + info.rank)
-    for x in _images(dataset, config.eval_samples, config.batch_size, info.rank, info.world_size, info.device):
+    images = _images(dataset, config.eval_samples, config.batch_size, info.rank, info.world_size, info.device)
+    for x in _progress(images, config, info, f"iwae (K={config.iwae_samples})"):
         lp = iwae_log_likelihood(vae, x, config.iwae_samples, config.iwae_chunk, log_tilt) - log_z
         total += torch.stack([lp.sum(), torch.tensor(float(len(lp)), dtype=torch.float64, device=lp.device)])
     if dist.is_available() and dist.is_initialized():
@@ -412,9 +427,9 @@ def run_ood(config: EvaluateConfig, info, model) -> tuple[list[dict], dict[str, 
     num_bits = dataset.num_bits
     levels = 2 ** num_bits - 1
 
-    def scores(batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(batches: list[torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
         lp, lh = [], []
-        for x in batches:
+        for x in _progress(batches, config, info, f"ood: {name}"):
             p = iwae_log_likelihood(vae, x, config.ood_iwae_samples, config.iwae_chunk)
             lp.append(p)
             if model.energy_based:
@@ -422,8 +437,8 @@ def run_ood(config: EvaluateConfig, info, model) -> tuple[list[dict], dict[str, 
         return _gather_cat(torch.cat(lp)), _gather_cat(torch.cat(lh)) if lh else torch.empty(0)
 
     in_batches = _images(dataset, config.eval_samples, config.batch_size, info.rank, info.world_size, info.device)
-    in_p, in_h = scores(in_batches)
-    rows, metrics = [], {}
+    in_p, in_h = scores(in_batches, dataset.name)
+    rows, metrics = [], {"ood/images": float(len(in_p))}
     for name in config.ood_sets:
         if name == dataset.name:
             continue
@@ -437,7 +452,7 @@ def run_ood(config: EvaluateConfig, info, model) -> tuple[list[dict], dict[str, 
             batches = [-x for x in in_batches]
         else:  # interpolation: midpoint of two in-distribution images (pixel space)
             batches = [0.5 * (x + x.roll(1, dims=0)) for x in in_batches]
-        p, h = scores(batches)
+        p, h = scores(batches, name)
         row = {"ood_set": name, "images": len(p), "auroc_vae": round(auroc(in_p, p), 4)}
         metrics[f"ood/{name}/auroc_vae"] = row["auroc_vae"]
         if model.energy_based:
@@ -504,14 +519,48 @@ def evaluate(config: EvaluateConfig, resolved: dict[str, Any]) -> dict[str, Any]
     report = {"metric": config.metric, "model": config.model, "dataset": config.dataset_ref, "rows": rows,
               "metrics": metrics, "seconds": seconds, "world_size": info.world_size, **extra}
     if info.is_rank0:
+        report["summary"] = summary_line(config, rows, metrics, extra, seconds, info.world_size)
         body = text if text is not None else table
         md = f"# evaluate: metric={config.metric}\n\nmodel: {config.model}\ndataset: {config.dataset_ref}\n\n{body}\n"
         (out / f"evaluate_{config.metric}.json").write_text(json.dumps(report, indent=2, default=str))
         (out / f"evaluate_{config.metric}.md").write_text(md)
         print(body, flush=True)
         _log_to_mlflow(config, uri, out, resolved, metrics, model)
+        print(report["summary"], flush=True)
     vdist.barrier()
     return report
+
+
+def headline(metric: str, rows: list[dict], metrics: dict[str, float]) -> dict[str, float]:
+    """The values a metric is read by (the summary line), out of its full metrics."""
+    keys = {"fid": ("fid",), "iwae": ("iwae/nll_nats", "iwae/bits_per_dim"), "recon": ("recon/mse_per_pixel",)}
+    if metric in keys:
+        return {k: metrics[k] for k in keys[metric] if k in metrics}
+    if metric == "ll2d":
+        return {f"ll2d/{r['model']}": r["test_log_likelihood_nats"] for r in rows}
+    if metric == "ood":
+        return {k: v for k, v in metrics.items() if "/auroc" in k}
+    if metric == "grbm_ll":
+        return {k: v for k, v in metrics.items() if k.endswith("_nll")}
+    return dict(metrics)  # digits: baseline and model rows, three scores each
+
+
+def summary_line(config: EvaluateConfig, rows: list[dict], metrics: dict[str, float], extra: dict[str, Any],
+                 seconds: float, world_size: int) -> str:
+    """One line, last on rank 0: the metric, its values, how many samples, the time and the ranks."""
+    values = ", ".join(f"{k}={v:.6g}" for k, v in headline(config.metric, rows, metrics).items())
+    m = config.metric
+    if m == "fid":
+        count = (f"{int(metrics['fid/samples'])} samples vs {int(metrics['fid/reference_images'])} reference "
+                 "images")
+    elif m in ("iwae", "recon", "ood", "grbm_ll"):
+        key = {"iwae": "iwae/images", "recon": "recon/images", "ood": "ood/images", "grbm_ll": "grbm/images"}[m]
+        count = f"{int(metrics.get(key, 0))} {'in-distribution ' if m == 'ood' else ''}images"
+    elif m == "ll2d":
+        count = f"{extra.get('num_test', 0)} test points"
+    else:
+        count = f"{config.eval_samples} samples per row"
+    return (f"evaluated metric={m} ({values}) on {count} in {seconds:.1f} s on {world_size} rank(s)")
 
 
 def _log_to_mlflow(config: EvaluateConfig, uri: str, out: Path, resolved: dict, metrics: dict[str, float],

@@ -30,7 +30,7 @@ from core.objectives.score_matching import SSMConfig, draw_projections, sliced_s
 from core.optim.config import OptimConfig
 from core.sampling.rng import rank_generator
 from core.seeding import derive_seed
-from core.visuals import save_grid
+from core.visuals import chain_energy_figure, save_grid
 
 _GRID_STREAM = 0x6B8  # fixed chain starts of the sample grids
 _GRID_CHAIN_STREAM = 0x6B9  # their Langevin / Gibbs noise
@@ -217,7 +217,8 @@ class GRBMVAEMethod(Method):
 
     @torch.no_grad()
     def visuals(self, out_dir: Path, nimg: int) -> list[Path]:
-        """Prior samples from fixed chain starts (test-time sampler) and a decode of N(0, I) for comparison."""
+        """Prior samples from fixed chain starts (test-time sampler) and a decode of N(0, I) for comparison; with the
+        Langevin sampler, the chain's per-step GRBM energy E(z) (mean ± std over the chains)."""
         out_dir.mkdir(parents=True, exist_ok=True)
         c, dev = self.config, self.ctx.device
         was_training = self.model.training
@@ -226,12 +227,20 @@ class GRBMVAEMethod(Method):
         eps = self.fixed_eps.to(dev)
         z0 = eps if c.sampler.init == "normal" else params.mu + torch.exp(params.log_sigma) * eps
         gen = torch.Generator(device=dev).manual_seed(derive_seed(self.ctx.seed, _GRID_CHAIN_STREAM))
-        z, _ = sample_prior(params, z0, c.sampler, c.sampler.steps, c.sampler.step_size, gen)
+        chain = None
+        if c.sampler.method == "langevin":  # what sample_prior runs, kept for its per-step energies
+            chain = langevin_sample(params, z0, c.sampler.steps, c.sampler.step_size, gen)
+            z = chain.state[0]
+        else:
+            z, _ = sample_prior(params, z0, c.sampler, c.sampler.steps, c.sampler.step_size, gen)
         tag = f"nimg-{nimg:012d}"
         paths = [save_grid(self.model.nets.data.to_images(self.model.nets.decoder(z).float()),
                            out_dir / f"{tag}-samples.png"),
                  save_grid(self.model.nets.data.to_images(self.model.nets.decoder(eps).float()),
                            out_dir / f"{tag}-normal.png")]
+        if chain is not None and c.sampler.steps > 0:  # training runs no chains (score matching): the grid's chain
+            paths.append(chain_energy_figure(out_dir / f"{tag}-chain-energy.png", nimg, {},
+                                             {"prior chain (fixed starts)": chain}))
         self.model.train(was_training)
         return paths
 

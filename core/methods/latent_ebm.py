@@ -37,12 +37,13 @@ from core.models.distributions import sum_except_batch
 from core.models.latent_energy import LatentEnergy, LatentEnergyConfig
 from core.objectives.ebm import vaebm_loss
 from core.optim.config import OptimConfig
-from core.sampling.langevin import LangevinConfig, LangevinResult, autocast_context, run_langevin
+from core.sampling.langevin import (ChainEnergyTrace, LangevinConfig, LangevinResult, SplitPotential, autocast_context,
+                                    run_langevin)
 from core.sampling.replay_buffer import ReplayBuffer, ReplayBufferConfig, replay_probability
 from core.sampling.resampled_init import SCHEMES as RESAMPLING_SCHEMES, ResampledInit, importance_resampled_init
 from core.sampling.rng import rank_generator
 from core.seeding import derive_seed
-from core.visuals import finish_figure, save_grid
+from core.visuals import chain_energy_figure, finish_figure, save_grid
 
 _GRID_STREAM = 0x1A7E  # fixed eps_z of the sample grids
 _TEST_CHAIN_STREAM = 0x1A7F  # Langevin noise of the grids' test-time chains
@@ -200,7 +201,8 @@ def hierarchical_samples(backbone, energy: LatentEnergy, x: torch.Tensor, keep: 
             eps = eps_post
         else:
             free = [torch.randn(e.shape, generator=generator, device=e.device) for e in eps_post[k:]]
-            result = run_langevin(lambda state, fixed=fixed: full([*fixed, *state]), free, langevin, generator)
+            conditioned = SplitPotential(lambda state, fixed=fixed: full.terms([*fixed, *state]))
+            result = run_langevin(conditioned, free, langevin, generator)
             eps = [*fixed, *result.state]
         out.append(decode_latents(backbone, eps, temperature))
     return out
@@ -249,6 +251,7 @@ class LatentEBMMethod(Method):
         gen = torch.Generator().manual_seed(derive_seed(ctx.seed, _GRID_STREAM))
         self.fixed_noise = backbone.sample_noise(ctx.sample_count, generator=gen, device=torch.device("cpu"))
         self.reference_batch: torch.Tensor | None = None  # data images for the energy plot and the hierarchy figure
+        self.chain_trace = ChainEnergyTrace()  # per-step E of the training chains since the last visuals
 
     def trained_module(self) -> torch.nn.Module:
         return self.energy
@@ -316,13 +319,11 @@ class LatentEBMMethod(Method):
         if self.buffer is not None:
             self.buffer.push(eps_z)
         self.iteration.value += 1
+        self.chain_trace.add(chain)
         metrics = {
             "ebm/energy_pos": terms.e_pos, "ebm/energy_neg": terms.e_neg, "ebm/energy_gap": terms.gap,
             "ebm/replay_ratio": replayed.float().mean(), "ebm/init_ess": torch.tensor(ess),
-            "langevin/nonfinite": torch.tensor(float(chain.num_nonfinite)),
-            "langevin/grad_norm": chain.grad_norm[-1].detach().float(),
-            "langevin/energy_start": chain.energy[0].detach().float(),
-            "langevin/energy_end": chain.energy[-1].detach().float(),
+            **chain.metrics(),
         }
         for i, (p, n) in enumerate(zip(f_pos.detach().mean(0), f_neg.detach().mean(0))):
             metrics[f"energy_pos/group_{i:02d}"] = -p
@@ -343,6 +344,8 @@ class LatentEBMMethod(Method):
         tag = f"nimg-{nimg:012d}"
         paths = [out_dir / f"{tag}-samples.png", out_dir / f"{tag}-backbone.png", out_dir / f"{tag}-chains.png",
                  out_dir / f"{tag}-energies.png"]
+        paths.append(chain_energy_figure(out_dir / f"{tag}-chain-energy.png", nimg,
+                                         {"training chains": self.chain_trace}, {"test chain (fixed noise)": result}))
         with torch.no_grad(), self._autocast():
             save_grid(decode_latents(self.backbone, result.state, t), paths[0])
             save_grid(decode_latents(self.backbone, eps_z, t), paths[1])

@@ -33,10 +33,11 @@ from core.methods.bundles import SampleOptions, Samples, TrainedModel, freeze, r
 from core.models.distributions import sum_except_batch
 from core.models.lebm_nets import GeneratorConfig, InferenceConfig, LatentEBMModel, PriorEBMConfig
 from core.optim.config import OptimConfig
-from core.sampling.langevin import LangevinConfig, LangevinResult, Potential, frozen, run_langevin
+from core.sampling.langevin import (ChainEnergyTrace, LangevinConfig, LangevinResult, PotentialTerms, SplitPotential,
+                                    frozen, run_langevin)
 from core.sampling.rng import rank_generator
 from core.seeding import derive_seed
-from core.visuals import finish_figure, save_grid
+from core.visuals import chain_energy_figure, finish_figure, save_grid
 from data_pipelines.builtin_sets import BUILTIN_SETS_DEFAULT_SIZE
 
 _GRID_STREAM = 0x1EB0  # fixed noise of the sample grids and chain strips
@@ -60,6 +61,7 @@ class LEBMSamplerConfig:
     test_steps: int | None = None  # prior steps of sample grids and the sampling job; None: prior_steps
     autocast: str | None = None  # bf16 | fp16: dtype the networks run in inside the chains; None: as the weights
     strip_frames: int = 8  # about this many snapshots per chain strip
+    compile: bool = False  # run each Langevin step as one torch.compile graph (core.sampling.langevin)
 
 
 @dataclass
@@ -131,26 +133,31 @@ def _half_sq_norm(state: list[torch.Tensor]) -> torch.Tensor:
     return sum(0.5 * sum_except_batch(e.float().pow(2)) for e in state)
 
 
-def prior_potential(model: LatentEBMModel) -> Potential:
+def prior_potential(model: LatentEBMModel) -> SplitPotential:
     """U(eps) = -f(T(eps)) + ||eps||^2 / 2: the eps-space law of the EBM prior (joint_latent_ebm_prior.md App. A.3;
-    for L = 1, U(z) = -f_alpha(z) + ||z||^2 / 2, lebm_supplement.md A.4). Parameters are frozen while U runs."""
-    def potential(state: list[torch.Tensor]) -> torch.Tensor:
+    for L = 1, U(z) = -f_alpha(z) + ||z||^2 / 2, lebm_supplement.md A.4). Parameters are frozen while U runs. The
+    energy term is E = -f (the chains' diagnostics)."""
+    def terms(state: list[torch.Tensor]) -> PotentialTerms:
         with frozen(model):
-            return -model.energy(model.transform(state)) + _half_sq_norm(state)
+            energy = -model.energy(model.transform(state))
+            return PotentialTerms(energy + _half_sq_norm(state), energy)
 
-    return potential
+    return SplitPotential(terms)
 
 
-def posterior_potential(model: LatentEBMModel, x: torch.Tensor) -> Potential:
+def posterior_potential(model: LatentEBMModel, x: torch.Tensor) -> SplitPotential:
     """U(z) = ||x - g(z1)||^2 / (2 sigma^2) - f(z) - log p_beta(z) = -log p(z|x) + const on the latents
     (lebm_supplement.md A.8; joint_latent_ebm_prior.md Eq. 14 with log p_beta(z) = log p(z1|z2) + log N(z2; 0, I)).
     Unlike the prior's (App. A.3), the posterior chains move z itself, as Sec. 3.2 describes: their step then does
-    not scale with sigma(z2)."""
-    def potential(state: list[torch.Tensor]) -> torch.Tensor:
+    not scale with sigma(z2). The energy term is E = -f(z), as for the prior chains (the chains' diagnostics); the
+    reconstruction and Gaussian-prior terms are the rest of U."""
+    def terms(state: list[torch.Tensor]) -> PotentialTerms:
         with frozen(model):
-            return model.reconstruction_energy(x, state[0]) - model.energy(state) - model.log_gaussian_prior(state)
+            rec = model.reconstruction_energy(x, state[0])  # first, as before: autograd sums the drift in this order
+            f = model.energy(state)
+            return PotentialTerms(rec - f - model.log_gaussian_prior(state), -f)
 
-    return potential
+    return SplitPotential(terms)
 
 
 @torch.no_grad()
@@ -159,26 +166,28 @@ def posterior_start(model: LatentEBMModel, eps: list[torch.Tensor]) -> list[torc
     return [z.float() for z in model.transform(eps)]
 
 
-def langevin_config(steps: int, s: float, autocast: str | None = None, record_every: int = 0) -> LangevinConfig:
+def langevin_config(steps: int, s: float, autocast: str | None = None, record_every: int = 0,
+                    compile: bool = False) -> LangevinConfig:
     """The short-run chain of `steps` updates with the papers' step size s (eta = s^2, `paper_step_to_eta`);
-    non-finite chains are reset to their start and counted (as in VAEBM)."""
+    non-finite chains are reset to their start and counted (as in VAEBM). `compile`: LangevinConfig.compile."""
     return LangevinConfig(num_steps=steps, step_size=paper_step_to_eta(s), autocast=autocast,
-                          record_every=record_every, reset_nonfinite=True)
+                          record_every=record_every, reset_nonfinite=True, compile=compile)
 
 
 def sample_prior(model: LatentEBMModel, init: list[torch.Tensor], steps: int, s: float,
                  generator: torch.Generator | None, autocast: str | None = None,
-                 record_every: int = 0) -> LangevinResult:
+                 record_every: int = 0, compile: bool = False) -> LangevinResult:
     """Short-run prior chains from `init` (eps, fp32)."""
-    return run_langevin(prior_potential(model), init, langevin_config(steps, s, autocast, record_every), generator)
+    return run_langevin(prior_potential(model), init, langevin_config(steps, s, autocast, record_every, compile),
+                        generator)
 
 
 def sample_posterior(model: LatentEBMModel, x: torch.Tensor, init: list[torch.Tensor], steps: int, s: float,
                      generator: torch.Generator | None, autocast: str | None = None,
-                     record_every: int = 0) -> LangevinResult:
+                     record_every: int = 0, compile: bool = False) -> LangevinResult:
     """Short-run posterior chains of p(z|x) from the latents `init` (e.g. `posterior_start(model, eps)`)."""
-    return run_langevin(posterior_potential(model, x), init, langevin_config(steps, s, autocast, record_every),
-                        generator)
+    return run_langevin(posterior_potential(model, x), init,
+                        langevin_config(steps, s, autocast, record_every, compile), generator)
 
 
 @torch.no_grad()
@@ -254,6 +263,8 @@ class LEBMMethod(Method):
         self.model = LatentEBMModel(config.generator, config.ebm, config.model_inference()).to(ctx.device)
         self.iteration = StepCounter()
         self.curves = _Curves()
+        self.prior_trace = ChainEnergyTrace()  # per-step E = -f of the training prior chains since the last visuals
+        self.posterior_trace = ChainEnergyTrace()  # the same for the posterior chains (posterior=langevin)
         self.divergence_patience = config.objective.divergence_patience
         gen = torch.Generator().manual_seed(derive_seed(ctx.seed, _GRID_STREAM))
         self.fixed_noise = self.model.sample_noise(ctx.sample_count, generator=gen)
@@ -296,13 +307,16 @@ class LEBMMethod(Method):
         post_gen = rank_generator(seed, rank, it, device, stream=2)  # posterior Langevin noise
         eps_neg0 = [e.to(device) for e in self.model.sample_noise(n, generator=init_gen)]
         eps_pos0 = [e.to(device) for e in self.model.sample_noise(n, generator=init_gen)]
-        prior = sample_prior(self.model, eps_neg0, s.prior_steps, s.prior_step_size, prior_gen, s.autocast)
+        prior = sample_prior(self.model, eps_neg0, s.prior_steps, s.prior_step_size, prior_gen, s.autocast,
+                             compile=s.compile)
+        self.prior_trace.add(prior)
         amortized = s.posterior == "inference"
         if amortized:  # z+ ~ q(z|x) by reparameterization with these normals (Sec. 3.3)
             post, positive = None, eps_pos0
         else:
             post = sample_posterior(self.model, x, posterior_start(self.model, eps_pos0), s.posterior_steps,
-                                    s.posterior_step_size, post_gen, s.autocast)
+                                    s.posterior_step_size, post_gen, s.autocast, compile=s.compile)
+            self.posterior_trace.add(post)
             positive = post.state
         t = net(x, positive, prior.state, amortized)
         f_pos, f_neg = t["f_pos"].mean(), t["f_neg"].mean()
@@ -316,21 +330,17 @@ class LEBMMethod(Method):
         metrics = {
             "lebm/f_pos": f_pos.detach(), "lebm/f_neg": f_neg.detach(), "lebm/f_gap": (f_pos - f_neg).detach(),
             "lebm/mse": (t["rec"].mean() * 2 * self.config.generator.sigma ** 2 / pixels).detach(),
-            "langevin/prior_nonfinite": torch.tensor(prior.num_nonfinite / n),
-            "langevin/prior_energy_start": prior.energy[0].detach(),
-            "langevin/prior_energy_end": prior.energy[-1].detach(),
-            "langevin/prior_grad_norm": prior.grad_norm[-1].detach(),
+            **prior.metrics("langevin/prior_"),
         }
+        metrics["langevin/prior_nonfinite"] = metrics["langevin/prior_nonfinite"] / n  # a fraction of the chains
         if self.model.layers == 2:
             metrics["lebm/log_p_z1_pos"] = t["logc_pos"].mean().detach()
             metrics["lebm/log_p_z1_neg"] = t["logc_neg"].mean().detach()
             with torch.no_grad():  # the scale of p(z1|z2) at the prior's z2: nothing but the data pins it
                 metrics["lebm/log_sigma_z1"] = self.model.conditional(prior.state[1])[1].mean()
         if post is not None:
-            metrics.update({"langevin/posterior_nonfinite": torch.tensor(post.num_nonfinite / n),
-                            "langevin/posterior_energy_start": post.energy[0].detach(),
-                            "langevin/posterior_energy_end": post.energy[-1].detach(),
-                            "langevin/posterior_grad_norm": post.grad_norm[-1].detach()})
+            metrics.update(post.metrics("langevin/posterior_"))
+            metrics["langevin/posterior_nonfinite"] = metrics["langevin/posterior_nonfinite"] / n
         else:
             metrics["lebm/log_q"] = t["log_q"].mean().detach()
         return loss, metrics
@@ -338,7 +348,8 @@ class LEBMMethod(Method):
     # -------------------------------------------------------------------------------------- visuals and health
     def visuals(self, out_dir: Path, nimg: int) -> list[Path]:
         """Prior samples and prior chain strips from fixed noise, posterior chain strips and reconstructions of a
-        few data images, and the f(z+) / f(z-) curves."""
+        few data images, the f(z+) / f(z-) curves, and the chains' per-step energy E = -f (training chains averaged
+        since the previous visuals, and these test chains)."""
         out_dir.mkdir(parents=True, exist_ok=True)
         s = self.config.sampler
         device = self.ctx.device
@@ -354,6 +365,7 @@ class LEBMMethod(Method):
         save_grid(decode_state(self.model, prior.state), paths[0])
         save_grid(strip([decode_state(self.model, [t[:rows] for t in snap]) for snap in prior.snapshots]), paths[1],
                   nrow=len(prior.snapshots))
+        post = None
         if self.reference_batch is not None:
             x = self.reference_batch.to(device)
             k = x.shape[0]
@@ -372,6 +384,10 @@ class LEBMMethod(Method):
         else:
             paths = [p for p in paths if "reconstructions" not in p.name and "posterior" not in p.name]
         self.curves.plot(paths[-1], f"latent EBM f at nimg={nimg}")
+        paths.append(chain_energy_figure(out_dir / f"{tag}-chain-energy.png", nimg,
+                                         {"training prior chains": self.prior_trace,
+                                          "training posterior chains": self.posterior_trace},
+                                         {"test prior chain (fixed noise)": prior, "test posterior chain": post}))
         return paths
 
     def health(self, metrics: dict[str, float]) -> str | None:
@@ -455,7 +471,8 @@ class LEBMModel(TrainedModel):
         init = self.model.sample_noise(n, generator=generator, device=generator.device)
         init = [e.to(device) for e in init]
         result = sample_prior(self.model, init, steps, o.step_size or s.prior_step_size, generator, s.autocast,
-                              record_every=max(steps // o.strip_frames, 1) if o.strip_frames else 0)
+                              record_every=max(steps // o.strip_frames, 1) if o.strip_frames else 0,
+                              compile=s.compile)
         images = decode_state(self.model, result.state)
         if o.use_mean is False:
             noise = torch.randn(images.shape, generator=generator, device=generator.device).to(device)

@@ -41,7 +41,7 @@ from core.sampling.hierarchical_sir import HierarchicalSIRResult, hierarchical_s
 from core.sampling.langevin import LangevinConfig, LangevinResult, autocast_context, run_langevin
 from core.sampling.rng import rank_generator
 from core.seeding import derive_seed
-from core.visuals import save_grid
+from core.visuals import chain_energy_figure, save_grid
 
 SAMPLER_METHODS = ("sir", "langevin", "sir_langevin")
 _GRID_STREAM = 0xF17ED  # fixed noise of the sample grids (the backbone's grids use the same stream)
@@ -242,7 +242,7 @@ class NCPVAEMethod(Method):
     # -------------------------------------------------------------------------------------- visuals and health
     def visuals(self, out_dir: Path, nimg: int) -> list[Path]:
         """Per temperature: the NCP-VAE grid (hierarchical SIR) next to the backbone's grid from the same noise; one
-        eps_z Langevin chain strip (rows: chains, columns: time)."""
+        eps_z Langevin chain strip (rows: chains, columns: time) and its per-step energy E = -sum_k log r_k."""
         out_dir.mkdir(parents=True, exist_ok=True)
         s, device = self.config.sampler, self.ctx.device
         eps_x, eps_z = self.fixed_noise
@@ -267,6 +267,9 @@ class NCPVAEMethod(Method):
             frames = [_decode(self.backbone, eps_x[:rows], snap, t, s.use_mean) for snap in chains.snapshots]
         paths.append(save_grid(torch.stack(frames, dim=1).flatten(0, 1), out_dir / f"{tag}-chains.png",
                                nrow=len(frames)))
+        # Training draws no chains (NCE on prior samples): the curve is the strip's chain, E = -sum_k log r_k.
+        paths.append(chain_energy_figure(out_dir / f"{tag}-chain-energy.png", nimg, {},
+                                         {f"eps_z chain (t={t:g}, fixed noise)": chains}))
         return paths
 
     def health(self, metrics: dict[str, float]) -> str | None:

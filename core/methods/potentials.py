@@ -25,7 +25,7 @@ import torch
 
 from core.models.distributions import DiagNormal, sum_except_batch
 from core.models.interface import NoiseSpaceBackbone
-from core.sampling.langevin import Potential, frozen
+from core.sampling.langevin import PotentialTerms, SplitPotential, frozen
 
 TargetMode = Literal["exact", "joint", "reference"]
 TARGET_MODES: tuple[str, ...] = ("exact", "joint", "reference")
@@ -49,7 +49,7 @@ def _half_sq_norm(t: torch.Tensor) -> torch.Tensor:
 
 def make_vaebm_potential(backbone: NoiseSpaceBackbone, energy_fn: Callable[[torch.Tensor], torch.Tensor],
                          mode: TargetMode = "exact", temperature: float = 1.0,
-                         use_mean: bool = False) -> Potential:
+                         use_mean: bool = False) -> SplitPotential:
     """U([eps_x, *eps_z]) -> (batch,) for VAEBM sampling in (ε_x, ε_z)-space (vaebm.md Eq. 9, App. B).
 
     backbone: frozen noise-space VAE; T(ε) = backbone.generate(eps_z, eps_x, temperature) (vaebm.md Eq. 8, 11).
@@ -62,14 +62,15 @@ def make_vaebm_potential(backbone: NoiseSpaceBackbone, energy_fn: Callable[[torc
         The official code scores the sample (use_mean=False) during its chains.
 
     Backbone and energy parameters are frozen (requires_grad=False) while U runs, so a Langevin step backpropagates
-    to the state only; the flags are restored afterwards (the energy net is the one being trained).
+    to the state only; the flags are restored afterwards (the energy net is the one being trained). The energy term
+    E_ψ (what the chains' diagnostics plot) comes with U through `SplitPotential.terms`.
     """
     if mode not in TARGET_MODES:
         raise ValueError(f"unknown target mode {mode!r}; expected one of {TARGET_MODES}")
 
     sigma_floor = math.exp(REFERENCE_LOG_SIGMA_FLOOR) + getattr(getattr(backbone, "config", None), "min_sigma", 1e-2)
 
-    def potential(state: list[torch.Tensor]) -> torch.Tensor:
+    def terms(state: list[torch.Tensor]) -> PotentialTerms:
         eps_x, eps_z = split_state(state)
         with frozen(backbone, energy_fn):
             x, tower = backbone.generate(eps_z, eps_x, temperature)  # vaebm.md Eq. 8
@@ -78,20 +79,20 @@ def make_vaebm_potential(backbone: NoiseSpaceBackbone, energy_fn: Callable[[torc
             x_e = tower.x_dist.mu if use_mean else x
             energy = energy_fn(x_e).float().reshape(x_e.shape[0])
             if mode == "exact":  # vaebm.md Eq. 9 / Eq. 20: E_ψ(T(ε)) − log p_ε(ε)
-                return energy + _half_sq_norm(eps_x) + sum(_half_sq_norm(e) for e in eps_z)
+                return PotentialTerms(energy + _half_sq_norm(eps_x) + sum(_half_sq_norm(e) for e in eps_z), energy)
             # E_ψ(x) − log p(z) − log p(x|z), both log-densities at the reparameterized sample, evaluated in fp32
             # (log σ and squared residuals lose digits in bf16).
             log_pz = sum(sum_except_batch(g.prior.to(torch.float32).log_prob(g.z.float())) for g in tower.groups)
             p_x = tower.x_dist.to(torch.float32)
             if mode == "reference":
                 p_x = DiagNormal(p_x.mu, p_x.sigma.clamp(min=sigma_floor))
-            return energy - log_pz - sum_except_batch(p_x.log_prob(x.float()))
+            return PotentialTerms(energy - log_pz - sum_except_batch(p_x.log_prob(x.float())), energy)
 
-    return potential
+    return SplitPotential(terms)
 
 
 def make_latent_potential(backbone: NoiseSpaceBackbone, latent_energy: Callable[[object], torch.Tensor],
-                          temperature: float = 1.0, modules: tuple[object, ...] = ()) -> Potential:
+                          temperature: float = 1.0, modules: tuple[object, ...] = ()) -> SplitPotential:
     """U(eps_z) -> (batch,) for priors reweighted on the latent groups, sampled in eps_z-space.
 
     The prior is p(z) exp(-E(z)) / Z with p(z) the backbone's hierarchical Gaussian prior and z = T_z(eps_z). As in
@@ -103,14 +104,15 @@ def make_latent_potential(backbone: NoiseSpaceBackbone, latent_energy: Callable[
         (batch,) energies E(z).
     temperature: prior temperature t of T_z (z_l = mu_l + t sigma_l eps_l); the Gaussian term stays 1/2 ||eps||^2.
     modules: networks inside `latent_energy` whose parameters are frozen while U runs (the backbone always is).
+    The energy term E(z) comes with U through `SplitPotential.terms` (the chains' diagnostics).
     """
-    def potential(state: list[torch.Tensor]) -> torch.Tensor:
+    def terms(state: list[torch.Tensor]) -> PotentialTerms:
         with frozen(backbone, *modules):
             tower = backbone.T_z(list(state), temperature)
             energy = latent_energy(tower).float().reshape(state[0].shape[0])
-            return energy + sum(_half_sq_norm(e) for e in state)
+            return PotentialTerms(energy + sum(_half_sq_norm(e) for e in state), energy)
 
-    return potential
+    return SplitPotential(terms)
 
 
 def decode(backbone: NoiseSpaceBackbone, state: list[torch.Tensor], temperature: float = 1.0,

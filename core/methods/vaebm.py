@@ -28,12 +28,12 @@ from core.models.nvae import NVAE
 from core.objectives.ebm import vaebm_loss
 from core.optim.clipped_adam import ClippedAdam
 from core.optim.config import OptimConfig
-from core.sampling.langevin import LangevinConfig, LangevinResult, autocast_context, run_langevin
+from core.sampling.langevin import ChainEnergyTrace, LangevinConfig, LangevinResult, autocast_context, run_langevin
 from core.sampling.replay_buffer import ReplayBuffer, ReplayBufferConfig, replay_probability
 from core.sampling.resampled_init import SCHEMES as RESAMPLING_SCHEMES, ResampledInit, importance_resampled_init
 from core.sampling.rng import rank_generator
 from core.seeding import derive_seed
-from core.visuals import energy_histogram, save_grid
+from core.visuals import chain_energy_figure, energy_histogram, save_grid
 
 _GRID_STREAM = 0xF17ED  # fixed noise of the sample grids
 _TEST_CHAIN_STREAM = 0x5A3  # Langevin noise of the grids' test-time chains
@@ -107,6 +107,11 @@ class VAEBMConfig(BackboneConfig):
             self.energy.validate()
         except (ValueError, KeyError) as err:
             raise ValueError(f"energy: {err}") from None
+        # The energy sees the backbone's images, which are the data's (the backbone's own match is checked on load).
+        if self.energy.arch != "mlp" and dataset.resolution not in (None, self.energy.image_size):
+            raise ValueError(f"dataset.resolution={dataset.resolution} but energy.image_size={self.energy.image_size}")
+        if self.energy.arch != "mlp" and dataset.channels != self.energy.in_channels:
+            raise ValueError(f"dataset.channels={dataset.channels} but energy.in_channels={self.energy.in_channels}")
 
 
 def sir_chain_start(backbone, energy_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -209,6 +214,7 @@ class VAEBMMethod(Method):
         gen = torch.Generator().manual_seed(derive_seed(ctx.seed, _GRID_STREAM))
         self.fixed_noise = backbone.sample_noise(ctx.sample_count, generator=gen, device=torch.device("cpu"))
         self.reference_batch: torch.Tensor | None = None  # data images for the energy histogram
+        self.chain_trace = ChainEnergyTrace()  # per-step E of the training chains since the last visuals
 
     def trained_module(self) -> torch.nn.Module:
         return self.energy
@@ -265,13 +271,11 @@ class VAEBMMethod(Method):
         if self.buffer is not None:
             self.buffer.push(eps_z)
         self.iteration.value += 1
+        self.chain_trace.add(chain)
         metrics = {
             "ebm/energy_pos": terms.e_pos, "ebm/energy_neg": terms.e_neg, "ebm/energy_gap": terms.gap,
             "ebm/spectral": terms.spectral, "ebm/replay_ratio": replayed.float().mean(),
-            "langevin/nonfinite": torch.tensor(float(chain.num_nonfinite)),
-            "langevin/grad_norm": chain.grad_norm[-1].detach().float(),
-            "langevin/energy_start": chain.energy[0].detach().float(),
-            "langevin/energy_end": chain.energy[-1].detach().float(),
+            **chain.metrics(),
         }
         return terms.loss, metrics
 
@@ -289,6 +293,8 @@ class VAEBMMethod(Method):
                                        s.target, s.temperature, use_mean=True, chain_use_mean=s.chain_use_mean)
         tag = f"nimg-{nimg:012d}"
         paths = [out_dir / f"{tag}-samples.png", out_dir / f"{tag}-chains.png", out_dir / f"{tag}-energies.png"]
+        paths.append(chain_energy_figure(out_dir / f"{tag}-chain-energy.png", nimg,
+                                         {"training chains": self.chain_trace}, {"test chain (fixed noise)": result}))
         with torch.no_grad():
             save_grid(x, paths[0])
             rows = min(8, len(x))

@@ -36,10 +36,15 @@ class TrackingConfig:
     retry_interval_s: float = 10.0
     # At close(), how long to wait for pending items before persisting them to pending.jsonl.
     flush_timeout_s: float = 30.0
+    # Sample CPU, memory, disk, network (and GPUs where pynvml is installed) into the stage run as system/* metrics.
+    system_metrics: bool = True
+    # Seconds between two system-metrics samples (a last one is taken when the stage ends).
+    system_metrics_interval_s: float = 10.0
 
     def __post_init__(self):
         # Validated when the config is built, i.e. before ranks start, not when the first retry happens.
-        if self.request_timeout_s <= 0 or self.retry_interval_s <= 0 or self.flush_timeout_s < 0:
+        if (self.request_timeout_s <= 0 or self.retry_interval_s <= 0 or self.flush_timeout_s < 0
+                or self.system_metrics_interval_s <= 0):
             raise ValueError(f"tracking timeouts must be positive: {self}")
         if not self.experiment:
             raise ValueError("tracking.experiment must be a non-empty name")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -38,6 +39,17 @@ class TrackingUnavailableError(RuntimeError):
     API at the URI."""
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a loaded model was logged: the MLflow run and, for a registered model, its name and version (None
+    where the reference does not say, e.g. a local directory)."""
+
+    uri: str  # the reference as given
+    run_id: str | None = None  # the run that logged it
+    name: str | None = None  # registered model name
+    version: str | None = None  # registered model version
+
+
 def load_registered_model(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None, *,
                           request_timeout_s: float = _LOAD_REQUEST_TIMEOUT_S,
                           max_retries: int = _LOAD_MAX_RETRIES) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -51,35 +63,57 @@ def load_registered_model(uri: str, dst: str | Path | None = None, tracking_uri:
 
     Raises `ModelNotFoundError` or `TrackingUnavailableError` as described in their docstrings.
     """
+    config, state, _ = load_model_with_source(uri, dst, tracking_uri, request_timeout_s=request_timeout_s,
+                                              max_retries=max_retries, resolve_source=False)
+    return config, state
+
+
+def load_model_with_source(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None, *,
+                           request_timeout_s: float = _LOAD_REQUEST_TIMEOUT_S, max_retries: int = _LOAD_MAX_RETRIES,
+                           resolve_source: bool = True) -> tuple[dict, dict[str, torch.Tensor], ModelSource]:
+    """`load_registered_model` plus the `ModelSource` of what was loaded: for ``models:/`` the version the alias
+    pointed at when it was read (and, with `resolve_source`, that version's run: one more request), for
+    ``runs:/`` the run."""
     if "://" not in uri and ":/" not in uri:
-        return _read(uri, uri)
+        return (*_read(uri, uri), ModelSource(uri))
     import mlflow.artifacts
     from mlflow import MlflowClient
 
     tracking_uri = tracking_uri or resolve_tracking_uri(TrackingConfig())
+    source = ModelSource(uri, run_id=_run_of_runs_uri(uri))
     with _http_settings(request_timeout_s, max_retries), tempfile.TemporaryDirectory() as tmp:
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        source = uri
+        artifact_uri = uri
         if uri.startswith("models:/"):
             with _registry_errors(uri, tracking_uri, resolving=True):
-                source = _resolve_models_uri(client, uri)
+                artifact_uri, source = _resolve_models_uri(client, uri, resolve_source)
         with _registry_errors(uri, tracking_uri, resolving=False):
             # MLflow mirrors the artifact path below dst_path; download to a temporary directory so `dst` gets
             # the model files themselves.
-            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp,
+                                                        tracking_uri=tracking_uri)
         if dst is not None:
             local = shutil.copytree(local, Path(dst), dirs_exist_ok=True)
-        return _read(local, uri)
+        return (*_read(local, uri), source)
 
 
-def _resolve_models_uri(client, uri: str) -> str:
-    """The artifact URI behind a ``models:/`` URI, resolved by MLflow through `client`."""
+def _run_of_runs_uri(uri: str) -> str | None:
+    if not uri.startswith("runs:/"):
+        return None
+    return uri[len("runs:/"):].lstrip("/").split("/", 1)[0] or None
+
+
+def _resolve_models_uri(client, uri: str, resolve_source: bool) -> tuple[str, ModelSource]:
+    """The artifact URI behind a ``models:/`` URI, resolved by MLflow through `client`, and what it names."""
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
     resolved = get_model_name_and_version(client, uri)
     if len(resolved) == 1:  # models:/<model_id>: a logged model, not a registered one
-        return client.get_logged_model(resolved[0]).artifact_location
-    return client.get_model_version_download_uri(*resolved)
+        logged = client.get_logged_model(resolved[0])
+        return logged.artifact_location, ModelSource(uri, run_id=getattr(logged, "source_run_id", None))
+    name, version = resolved
+    run_id = client.get_model_version(name, version).run_id if resolve_source else None
+    return client.get_model_version_download_uri(name, version), ModelSource(uri, run_id, name, str(version))
 
 
 def _read(model_dir: str | Path, uri: str) -> tuple[dict, dict[str, torch.Tensor]]:

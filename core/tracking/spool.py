@@ -6,6 +6,9 @@ one ``log_batch``). A transport failure keeps the head queued: one warning per o
 rejects (4xx) is dropped with a warning so it cannot block the queue. What is unsent at close goes to
 ``pending.jsonl`` and is replayed first by the next sender on the same run directory; the file is removed only once
 delivered, so a crash repeats operations rather than losing them (MLflow's async logging queues in memory only).
+Operations: start, end, params, metrics, tags, artifact, model (upload + register + alias), images (MLflow images
+with a step), input (the dataset) and link (the run and registered version of a model a run builds on); the
+multi-request ones record their progress in the op, so a retry or a replay resumes instead of repeating.
 """
 from __future__ import annotations
 
@@ -253,6 +256,12 @@ class _Sender:
             self._log_artifact(client, self._run_id(op), op)
         elif kind == "model":
             self._log_model(client, self._run_id(op), op)
+        elif kind == "images":
+            self._log_images(client, self._run_id(op), op)
+        elif kind == "input":
+            self._log_input(client, self._run_id(op), op)
+        elif kind == "link":
+            self._link(client, self._run_id(op), op)
         elif kind == "end":
             client.set_terminated(self._run_id(op), status=op["status"], end_time=op["end_time"])
         else:
@@ -298,7 +307,10 @@ class _Sender:
         with self._cond:
             self.ids[op["key"]] = run_id
             self._cond.notify_all()
-        log.info("MLflow run %r: %s (%s)", op["name"], run_id, self.uri)
+        if run_id == resume_id:
+            log.info("MLflow run %s continues (%s)", run_id, self.uri)
+        else:
+            log.info("MLflow run %r: %s (%s)", op["name"], run_id, self.uri)
 
     @staticmethod
     def _maybe(fn, ok: Any = None):
@@ -362,7 +374,7 @@ class _Sender:
             except MlflowException as exc:
                 if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
                     raise
-            # A plain artifact directory is a valid source: no MLmodel file is needed to register it.
+            # The source holds an MLmodel (python_function flavor): the version loads with mlflow.pyfunc too.
             mv = client.create_model_version(op["name"], source=f"runs:/{run_id}/{op['artifact_path']}",
                                              run_id=run_id, await_creation_for=0)
             op["version"] = str(mv.version)
@@ -370,6 +382,53 @@ class _Sender:
             client.set_registered_model_alias(op["name"], op["alias"], op["version"])
         shutil.rmtree(Path(op["staged"]).parent, ignore_errors=True)
 
+    def _log_images(self, client, run_id: str, op: dict) -> None:
+        """MLflow images (``images/<key>+step+<step>+...``, shown with a step slider); `done` records progress in
+        the op so a retry or a replay does not log an image twice."""
+        from PIL import Image
+
+        for i in range(op.get("done", 0), len(op["images"])):
+            staged, key = op["images"][i]
+            path = Path(staged)
+            if not path.exists():
+                raise _Rejected(f"staged copy {path} is gone")
+            with Image.open(path) as img:
+                img.load()
+                client.log_image(run_id, img, key=key, step=op["step"], timestamp=op["timestamp"], synchronous=True)
+            op["done"] = i + 1
+        shutil.rmtree(op["staged"], ignore_errors=True)
+
+    def _log_input(self, client, run_id: str, op: dict) -> None:
+        """The run's dataset input: a metadata-only MLflow dataset (the shards stay where they are)."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        meta = MetaDataset(LocalArtifactDatasetSource(op["source"]), name=op["name"], digest=op["digest"]).to_dict()
+        dataset = Dataset(name=meta["name"], digest=meta["digest"], source_type=meta["source_type"],
+                          source=meta["source"], profile=json.dumps(op["profile"], sort_keys=True))
+        client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT,
+                                                                                  op["context"])])])
+
+    def _link(self, client, run_id: str, op: dict) -> None:
+        """Tags and params naming the logged model a run builds on; the missing half (run of a version, version of
+        a run) is looked up in the registry."""
+        from mlflow.entities import RunTag
+
+        linked_run, name, version = op.get("linked_run_id"), op.get("name"), op.get("version")
+        if linked_run is None and name and version:
+            linked_run = self._maybe(lambda: client.get_model_version(name, version).run_id)
+        if version is None and linked_run:
+            found = self._maybe(lambda: client.search_model_versions(f"run_id = '{linked_run}'")) or []
+            if found:
+                newest = max(found, key=lambda mv: int(mv.version))
+                name, version = newest.name, str(newest.version)
+        role = op["role"]
+        values = {"uri": op["uri"], "run_id": linked_run, "model_name": name, "model_version": version}
+        tags = [RunTag(f"vaebm.{role}.{k}", str(v)) for k, v in values.items() if v]
+        client.log_batch(run_id, tags=tags, synchronous=True)
+        self._log_params(client, run_id, {f"{role}_{k}": str(v) for k, v in values.items() if v and k != "uri"})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
-"""The `Tracker` facade: rank-0 MLflow logging of runs, params, metrics, tags, artifacts and models that never
-blocks or fails training.
+"""The `Tracker` facade: rank-0 MLflow logging of runs, params, metrics, tags, images, datasets, artifacts and models
+that never blocks or fails training.
 
 Its methods only validate and normalise values, snapshot files and weights (copied at call time) and queue an
 operation for the background sender (`core.tracking.spool`), which costs microseconds on the training thread.
 Runs: one parent run per pipeline (tag ``vaebm.pipeline``) and one nested run per stage (tags ``vaebm.pipeline``,
-``vaebm.stage``, ``mlflow.parentRunId``); their ids, stored in checkpoints, let a restarted job continue them.
-Models go to ``model/<name>/<UTC time>/`` of the stage run (unique per call) and become the next registered version.
+``vaebm.stage``, ``mlflow.parentRunId``), named ``<method>-<dataset>-<short id>`` and tagged with their origin
+(`core.tracking.context`); their ids, stored in checkpoints, let a restarted job continue them. The stage run gets
+system metrics (`core.tracking.system_metrics`), its dataset as an MLflow input, sample grids as MLflow images (a
+step slider per grid) and links to the models it builds on. Models go to ``model/<name>/<UTC time>/`` of the stage
+run (unique per call, an MLflow model with a python_function flavor) and become the next registered version.
 """
 from __future__ import annotations
 
@@ -25,14 +28,17 @@ from typing import Any, Mapping
 import torch
 
 from core.tracking.config import TrackingConfig, _artifact_location, _configure_http, resolve_tracking_uri
+from core.tracking.context import run_name, run_tags
 from core.tracking.model_files import write_model_dir
 from core.tracking.spool import _Sender, read_pending, write_pending
+from core.tracking.system_metrics import SystemMetricsSampler
 
 log = logging.getLogger("vaebm.tracking")
 
 _PARAM_VALUE_MAX = 500  # longer values are cut (with a marker) so configs stay readable in the UI
 _TAG_VALUE_MAX = 5000  # below MLflow's 8000-char tag limit
 _KEY_MAX = 250  # MLflow's entity key limit
+_DIGEST_MAX = 36  # MLflow's dataset digest limit
 _TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 STATS_FILE = "stats.jsonl"  # every logged metric, one JSON object per log_metrics call (rank 0)
 
@@ -66,6 +72,13 @@ def _truncate(value: Any, limit: int) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
+def image_key(path: str | Path) -> str:
+    """The MLflow image key of a grid file: its name without the ``nimg-<digits>-`` prefix and the extension,
+    restricted to the characters MLflow accepts in image keys."""
+    stem = re.sub(r"^nimg-\d+-?", "", Path(path).stem) or Path(path).stem
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", stem)
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -90,9 +103,11 @@ class Tracker:
     Typical use::
 
         tracker = Tracker(cfg.tracking, run_dir, is_rank0=dist.is_rank0())
-        tracker.start("vaebm-celeba", "stage2", run_id=ckpt.get("mlflow_run_id"),
-                      parent_run_id=ckpt.get("mlflow_parent_run_id"))
+        tracker.start("celeba64", "vaebm", run_id=ckpt.get("mlflow_run_id"),
+                      parent_run_id=ckpt.get("mlflow_parent_run_id"), method="vaebm", dataset=cfg.dataset,
+                      world_size=world_size)
         tracker.log_params(cfg_dict); tracker.log_metrics({"loss": l}, step=images_seen)
+        tracker.log_images(grid_paths, step=images_seen)
         ckpt["mlflow_parent_run_id"], ckpt["mlflow_run_id"] = tracker.run_ids
         tracker.end("FINISHED"); tracker.close()
 
@@ -111,6 +126,7 @@ class Tracker:
         self._stage_key: str | None = None
         self._closed = False
         self._sender: _Sender | None = None
+        self._system: SystemMetricsSampler | None = None
         self._warned: set[str] = set()
         if not self.active:
             return
@@ -130,9 +146,16 @@ class Tracker:
         _live_trackers.add(self)
 
     # -- runs ---------------------------------------------------------------------------------------------------
-    def start(self, pipeline: str, stage: str, run_id: str | None = None,
-              parent_run_id: str | None = None) -> tuple[str | None, str | None]:
+    def start(self, pipeline: str, stage: str, run_id: str | None = None, parent_run_id: str | None = None, *,
+              method: str | None = None, dataset: Any = None,
+              world_size: int | None = None) -> tuple[str | None, str | None]:
         """Open (or, given ids from a checkpoint, resume) the pipeline's parent run and the stage's nested run.
+
+        New runs are named ``<method>-<dataset>-<short id>`` (`pipeline` / `stage` stand in when `method` and
+        `dataset` are not given) and tagged with their origin (`core.tracking.context`: git commit, source, user,
+        method, dataset, world size). `dataset`: a `DatasetConfig` (its shards become the stage run's dataset input,
+        digest = manifest hash) or just a name. The stage run of rank 0 samples system metrics while it lasts
+        (`TrackingConfig.system_metrics`).
 
         Calling it again for another stage of the same pipeline reuses this tracker's parent run. Returns
         ``(parent_run_id, stage_run_id)``; an id is None if the server did not create the run within
@@ -141,17 +164,24 @@ class Tracker:
         """
         if not self.active:
             return None, None
+        self._stop_system_metrics()
+        dataset_name = dataset if isinstance(dataset, str) or dataset is None else getattr(dataset, "name", None)
+        tags = run_tags(method, dataset_name, world_size)
         if parent_run_id is not None or self._parent_key is None or pipeline != self._pipeline:
             self._parent_key = uuid.uuid4().hex
             self._pipeline = pipeline
-            self._put({"op": "start", "key": self._parent_key, "name": pipeline, "resume_id": parent_run_id,
-                       **self._where,
+            self._put({"op": "start", "key": self._parent_key, "resume_id": parent_run_id,
+                       "name": run_name(method, dataset_name, self._parent_key[:8], pipeline), **self._where,
                        # resuming only the stage run: find its parent from the run itself
                        "parent_of": run_id if parent_run_id is None else None,
-                       "tags": {"vaebm.pipeline": pipeline}})
+                       "tags": {**tags, "vaebm.pipeline": pipeline}})
         self._stage_key = uuid.uuid4().hex
-        self._put({"op": "start", "key": self._stage_key, "name": stage, "resume_id": run_id, **self._where,
-                   "parent_key": self._parent_key, "tags": {"vaebm.pipeline": pipeline, "vaebm.stage": stage}})
+        self._put({"op": "start", "key": self._stage_key, "resume_id": run_id, **self._where,
+                   "name": run_name(method, dataset_name, self._stage_key[:8], stage),
+                   "parent_key": self._parent_key, "tags": {**tags, "vaebm.pipeline": pipeline, "vaebm.stage": stage}})
+        if dataset is not None and not isinstance(dataset, str):
+            self._log_dataset_config(dataset)
+        self._start_system_metrics()
         sender, key = self._sender, self._stage_key
         failures, dropped = sender.failures, sender.dropped
         # A local store never hangs on the network but may need seconds to create/migrate its database.
@@ -171,7 +201,8 @@ class Tracker:
         return ids.get(self._parent_key), ids.get(self._stage_key)
 
     def end_stage(self, status: str = "FINISHED") -> None:
-        """Terminate the stage run."""
+        """Terminate the stage run (after its last system-metrics sample)."""
+        self._stop_system_metrics()
         self._end(self._stage_key, status)
 
     def end_pipeline(self, status: str = "FINISHED") -> None:
@@ -246,6 +277,70 @@ class Tracker:
             return
         self._put({"op": "artifact", "key": self._stage_key, "staged": str(dst), "artifact_path": artifact_path})
 
+    def log_images(self, paths: list[Path] | list[str], step: int) -> None:
+        """Log image files (sample grids, chain strips) on the stage run as MLflow images at `step` (images seen),
+        so the UI shows them with a step slider. The key is the file name without its ``nimg-<digits>-`` prefix and
+        extension (``nimg-000000032768-t0.7.png`` -> ``t0.7``): one slider per kind of grid. The files are copied
+        at call time and delivered like every other call (queued during an outage, spooled at close)."""
+        if not self._ready("log_images"):
+            return
+        staged_dir = None
+        images = []
+        for path in map(Path, paths):
+            try:
+                staged_dir = staged_dir or self._new_stage_dir()
+                dst = staged_dir / f"{len(images):04d}{path.suffix}"
+                shutil.copy2(path, dst)
+            except OSError as exc:
+                log.warning("cannot stage image %s (%s); not logged", path, exc)
+                continue
+            images.append([str(dst), image_key(path)])
+        if images:
+            self._put({"op": "images", "key": self._stage_key, "images": images, "step": int(step),
+                       "timestamp": _now_ms(), "done": 0, "staged": str(staged_dir)})
+
+    def log_dataset(self, name: str, directory: str | Path, context: str = "training") -> None:
+        """Record a shard directory as the stage run's dataset input (MLflow's Datasets), its digest the first 36
+        hex digits of the manifest hash (MLflow's digest limit; the full hash is the tag vaebm.dataset.manifest_hash
+        and part of the profile). A directory without a readable manifest is skipped with a warning."""
+        if not self._ready("log_dataset"):
+            return
+        try:
+            from data_pipelines.manifest import load_manifest
+
+            directory = Path(directory).expanduser().resolve()
+            manifest = load_manifest(directory)
+            digest = manifest.content_hash()
+        except Exception as exc:  # noqa: BLE001 -- the loader reports bad data itself; this only costs telemetry
+            log.warning("dataset %s not recorded in MLflow: %s", directory, exc)
+            return
+        profile = {"num_samples": manifest.num_samples, "kind": manifest.kind, "image_size": manifest.image_size,
+                   "channels": manifest.channels, "encoding": manifest.encoding, "manifest_hash": digest}
+        self._put({"op": "input", "key": self._stage_key, "name": name, "digest": digest[:_DIGEST_MAX],
+                   "source": str(directory), "profile": profile, "context": context})
+        self.set_tags({"vaebm.dataset.manifest_hash": digest})
+
+    def _log_dataset_config(self, dataset) -> None:
+        try:
+            from data_pipelines.loader_factory import resolve_dataset_dir
+
+            directory = resolve_dataset_dir(dataset)  # builds a built-in set on first use, as the loader would
+        except Exception as exc:  # noqa: BLE001 -- the loader raises the real error a moment later
+            log.warning("dataset %s not recorded in MLflow: %s", getattr(dataset, "name", dataset), exc)
+            return
+        self.log_dataset(dataset.name, directory)
+
+    def link_model(self, role: str, uri: str, run_id: str | None = None, name: str | None = None,
+                   version: str | None = None) -> None:
+        """Record on the stage run which logged model it builds on (e.g. role="backbone"): tags
+        ``vaebm.<role>.uri / .run_id / .model_name / .model_version`` and params ``<role>_run_id``,
+        ``<role>_model_name``, ``<role>_model_version``. What is not given is looked up by the sender: the run of
+        a registered version, or the version a run registered."""
+        if self._ready("link_model"):
+            self._put({"op": "link", "key": self._stage_key, "role": _key(role), "uri": str(uri),
+                       # not "run_id": that field names the run an operation is logged to
+                       "linked_run_id": run_id, "name": name, "version": None if version is None else str(version)})
+
     def log_model(self, name: str, config: dict, state_dict: Mapping[str, torch.Tensor], alias: str = "latest",
                   extra_files: Mapping[str, str | bytes] | None = None) -> None:
         """Log config.json + weights (+ extra_files) under ``model/<name>/<UTC time>/`` of the stage run, register
@@ -259,7 +354,7 @@ class Tracker:
         try:
             model_dir = self._new_stage_dir() / "model"
             write_model_dir(model_dir, config, state_dict, extra_files)
-        except (OSError, TypeError, ValueError, RuntimeError) as exc:
+        except (OSError, TypeError, ValueError, RuntimeError, ImportError) as exc:
             log.warning("cannot write model %s for logging (%s); not logged", name, exc)
             return
         self._put({"op": "model", "key": self._stage_key, "name": name, "alias": alias,
@@ -276,6 +371,7 @@ class Tracker:
         """Flush for up to flush_timeout_s, then persist what is unsent to <run_dir>/tracking/pending.jsonl."""
         if not self.active or self._closed:
             return
+        self._stop_system_metrics()
         self._closed = True
         _live_trackers.discard(self)
         self._sender.flush(self.config.flush_timeout_s)
@@ -314,6 +410,26 @@ class Tracker:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(msg, *args)
+
+    def _start_system_metrics(self) -> None:
+        if not self.config.system_metrics:
+            return
+        key = self._stage_key
+
+        def emit(values: dict[str, float], step: int, ts: int) -> None:
+            self._put({"op": "metrics", "key": key, "metrics": [[k, v, ts, step] for k, v in values.items()]})
+
+        try:
+            self._system = SystemMetricsSampler(emit, self.config.system_metrics_interval_s)
+            self._system.start()
+        except Exception as exc:  # noqa: BLE001 -- never fatal
+            self._warn_once("system_metrics", "system metrics not logged: %s", exc)
+            self._system = None
+
+    def _stop_system_metrics(self) -> None:
+        system, self._system = self._system, None
+        if system is not None:
+            system.stop()
 
     def _new_stage_dir(self) -> Path:
         d = self._staging / uuid.uuid4().hex

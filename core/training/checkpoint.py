@@ -203,7 +203,9 @@ CANDIDATE_ALIAS = "candidate"  # every finished run's version; `champion` is the
 def publish_model(tracker, run_dir: Path, name: str, bundle: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
     """Rank 0 when a stage has reached its configured length: the model in `<run_dir>/model` (so `<run dir>` works
     as a reference without MLflow), registered in MLflow as a new version of `name` with the alias `candidate`
-    (`latest` is MLflow's newest version), and the resolved config logged."""
+    (`latest` is MLflow's newest version), and the resolved config logged. Both copies are MLflow models
+    (core.tracking.model_files): `mlflow.pyfunc.load_model` works on `<run_dir>/model` and on
+    `models:/<name>@candidate` alike."""
     from core.tracking import write_model_dir
 
     write_model_dir(run_dir / "model", bundle, weights)
@@ -213,13 +215,25 @@ def publish_model(tracker, run_dir: Path, name: str, bundle: dict[str, Any], wei
 
 def read_model(reference: str, tracking_uri: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(bundle, weights) of a published model: an MLflow model URI (`models:/<name>@<alias>`, `runs:/...`), a run
-    directory (its `model/`) or a model directory."""
-    from core.tracking import load_registered_model
+    directory (its `model/`) or a model directory (weights.safetensors, or weights.pt of older directories)."""
+    bundle, weights, _ = read_model_with_source(reference, tracking_uri, resolve_source=False)
+    return bundle, weights
+
+
+def read_model_with_source(reference: str, tracking_uri: str | None = None, resolve_source: bool = True):
+    """`read_model` plus where the model was logged (`core.tracking.ModelSource`): for a registered model the version
+    the reference resolved to and its run; for a run directory (or its model/) the stage run in mlflow_runs.json,
+    whose registered version the tracker looks up when it links the model."""
+    from core.tracking import ModelSource, load_model_with_source
 
     path = Path(reference).expanduser()
-    if "://" not in reference and (path / "model").is_dir():
+    if "://" in reference or ":/" in reference:
+        return load_model_with_source(reference, tracking_uri=tracking_uri, resolve_source=resolve_source)
+    if (path / "model").is_dir():
         path = path / "model"
-    return load_registered_model(reference if "://" in reference else str(path), tracking_uri=tracking_uri)
+    bundle, weights, _ = load_model_with_source(str(path), tracking_uri=tracking_uri)
+    run_dir = path.parent if path.name == "model" else path
+    return bundle, weights, ModelSource(reference, run_id=load_run_ids(run_dir).get("stage"))
 
 
 @contextlib.contextmanager

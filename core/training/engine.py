@@ -12,15 +12,16 @@ from typing import Any
 import torch
 
 from core.optim.config import OptimConfig
-from core.training.config import EngineConfig
+from core.training.config import BatchPlan, ConfigError, EngineConfig
 
 
-def deepspeed_config(engine: EngineConfig, batch_size: int, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config (as a dict) for one micro-batch per step and no gradient accumulation."""
+def deepspeed_config(engine: EngineConfig, plan: BatchPlan) -> dict[str, Any]:
+    """The DeepSpeed JSON config (as a dict): `plan.micro` images per rank per pass, `plan.accumulation` passes per
+    optimizer step (DeepSpeed checks train_batch_size = micro x accumulation x ranks)."""
     cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": batch_size,
-        "train_batch_size": batch_size * world_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": plan.micro,
+        "train_batch_size": plan.global_batch,
+        "gradient_accumulation_steps": plan.accumulation,
         "gradient_clipping": float(engine.gradient_clipping),
         "steps_per_print": 2**62,  # our loop reports; keep DeepSpeed's own step printing off
         "wall_clock_breakdown": False,
@@ -69,17 +70,25 @@ def _weights_only_checkpoint_engine(config):
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim: OptimConfig,
-                 engine: EngineConfig, batch_size: int, world_size: int, total_steps: int):
+                 engine: EngineConfig, plan: BatchPlan, total_steps: int):
     """(engine, optimizer, scheduler) around `model` with the method's torch optimizer (a plain torch optimizer
-    avoids a fused-op JIT build on CPU). Every parameter group follows the warm-up + cosine schedule; a group with
-    its own learning rate decays to the same fraction lr_min / lr of it."""
+    avoids a fused-op JIT build on CPU). Every parameter group follows the warm-up + cosine schedule (counted in
+    optimizer steps of `plan.global_batch` images); a group with its own learning rate decays to the same fraction
+    lr_min / lr of it."""
     import deepspeed
 
-    warmup_steps = math.ceil(optim.warmup_nimg / (batch_size * world_size))
+    if engine.zero_stage == 2 and plan.accumulation > 1:
+        # ZeRO-2 reduces partial gradients into its partitions at every pass: a step skipped for a non-finite loss
+        # half-way through its passes could not discard them.
+        raise ConfigError(f"engine.zero_stage=2 with gradient accumulation ({plan.accumulation} passes of "
+                          f"{plan.micro} images per rank for loop.global_batch={plan.global_batch} on "
+                          f"{plan.world_size} ranks) is not supported: use zero_stage 1, more ranks or a larger "
+                          f"loop.batch_size")
+    warmup_steps = math.ceil(optim.warmup_nimg / plan.global_batch)
     factor = lambda step: warmup_cosine(step, total_steps, warmup_steps, optim.lr, optim.lr_min)  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor] * len(optimizer.param_groups))
     eng, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(engine, batch_size, world_size))
+        config=deepspeed_config(engine, plan))
     eng.checkpoint_engine = _weights_only_checkpoint_engine(eng._config)  # nothing a resume reads is unpickled
     return eng, optimizer, scheduler

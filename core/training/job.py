@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,15 @@ import torch
 from core import dist as vdist
 from core.methods import MethodContext, build_model, get_method
 from core.tracking import ModelNotFoundError, Tracker, resolve_tracking_uri
+from core.training import preflight
 from core.training.checkpoint import (CheckpointManager, RNGStreams, load_run_ids, publish_model, read_model,
                                       save_run_ids, stage_lifecycle, tag_for)
-from core.training.config import JobConfig, compose_job
+from core.training.config import JobConfig, batch_plan, compose_job
 from core.training.engine import build_engine
 from core.training.lock import RunDirLock, RunDirLocked
 from core.training.loop import LoopState, run_loop
 from core.training.preemption import Preempted, StopRequest
+from data_pipelines.errors import ManifestError
 from data_pipelines.loader_factory import build_loader
 
 RUN_LOG = "log.txt"  # rank 0's log lines, appended across resumes
@@ -48,27 +51,43 @@ def model_name(config: JobConfig) -> str:
 
 
 def describe(config: JobConfig, resolved: dict[str, Any]) -> str:
-    """Dry-run text: the resolved config and parameter counts (built on the meta device: no memory, any preset)."""
+    """Dry-run text: the resolved config, the data check (manifest found, images fit the model), the batch split
+    over the ranks with the step count and time estimate, and parameter counts (built on the meta device: no
+    memory, any preset). Data that does not fit the model raises DataConfigError; data not found is reported."""
     import yaml
 
     from core.models.summary import format_summary
 
     text = yaml.safe_dump(resolved, sort_keys=False)
+    try:
+        note = preflight.check_data(config).note  # data that does not fit the model raises: exit 2
+    except ManifestError as err:  # absent here (e.g. a dry run away from the cluster's volume): said, not fatal
+        note = f"NOT FOUND: training would stop with: {err}"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    text += "\ndata: " + note + "\n" + "\n".join(preflight.plan_lines(config, world_size, device)) + "\n"
     with torch.device("meta"):
         for title, module in get_method(config.method).describe(config):
             text += f"\n{title} parameters per module:\n" + format_summary(module)
     return text
 
 
-def load_backbone(reference: str, tracking_uri: str | None, device: torch.device, dtype: torch.dtype):
-    """(frozen noise-space VAE, its bundle) from an MLflow model URI, a run directory or a model directory."""
+def load_backbone(reference: str, tracking_uri: str | None, device: torch.device, dtype: torch.dtype,
+                  tracker: Tracker | None = None):
+    """(frozen noise-space VAE, its bundle) from an MLflow model URI, a run directory or a model directory. With a
+    `tracker`, its stage run records which run and registered version the backbone is (`Tracker.link_model`)."""
+    from core.training.checkpoint import read_model_with_source
+
     try:
-        bundle, weights = read_model(reference, tracking_uri)
+        bundle, weights, source = read_model_with_source(reference, tracking_uri,
+                                                         resolve_source=tracker is not None and tracker.active)
     except ModelNotFoundError as err:  # the server (or the disk) says it does not exist; unreachable is an error
         raise BackboneNotFound(f"no backbone at {reference}: {err}") from err
     model = build_model(bundle, weights, device)
     if model.vae is None:
         raise BackboneNotFound(f"{reference} is a {bundle.get('kind')!r} model, not a noise-space VAE backbone")
+    if tracker is not None:
+        tracker.link_model("backbone", reference, run_id=source.run_id, name=source.name, version=source.version)
     return model.to(device, dtype).vae, bundle
 
 
@@ -87,7 +106,7 @@ def _ensure_backbone(config, info: vdist.DistInfo, tracker: Tracker, run_dir: Pa
     uri = resolve_tracking_uri(config.tracking)
     dtype = DTYPES[config.backbone_dtype]
     try:
-        return load_backbone(config.backbone, uri, info.device, dtype)
+        return load_backbone(config.backbone, uri, info.device, dtype, tracker)
     except BackboneNotFound as err:
         if not config.backbone_train_if_missing:
             raise
@@ -111,7 +130,7 @@ def _ensure_backbone(config, info: vdist.DistInfo, tracker: Tracker, run_dir: Pa
     nested.validate()
     backbone_dir = train(nested, nested_resolved, nested_overrides, parent_run_id=tracker.run_ids[0])
     vdist.barrier()
-    return load_backbone(str(backbone_dir), uri, info.device, dtype)
+    return load_backbone(str(backbone_dir), uri, info.device, dtype, tracker)
 
 
 def final_report(config: JobConfig, bundle: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device,
@@ -149,6 +168,7 @@ def train(config: JobConfig, resolved: dict[str, Any], overrides: list[str] | No
     overrides = list(overrides or [])
     method_cls = get_method(config.method)
     run_dir = config.run_dir()
+    preflight.check_data(config)  # before any collective: every rank fails alike, in seconds, with one line
     info = vdist.init_distributed(config.run.dist_timeout_s)
     lock = RunDirLock(run_dir)
     refusal = None
@@ -193,8 +213,13 @@ def _train_locked(config: JobConfig, resolved: dict[str, Any], overrides: list[s
     ids = load_run_ids(run_dir) if resuming and info.is_rank0 else {}
     tracker = Tracker(config.tracking, run_dir, info.is_rank0)
     tracker.start(pipeline=config.experiment, stage=config.method, run_id=ids.get("stage"),
-                  parent_run_id=ids.get("parent") or parent_run_id)
-    loader_cfg = dataclasses.replace(config.loader, batch_size=loop_cfg.batch_size,
+                  parent_run_id=ids.get("parent") or parent_run_id, method=config.method, dataset=config.dataset,
+                  world_size=info.world_size)
+    plan = batch_plan(loop_cfg, info.world_size)
+    if info.is_rank0:
+        log.info("batch: %d images per optimizer step = %d ranks x %d pass(es) x %d images", plan.global_batch,
+                 plan.world_size, plan.accumulation, plan.micro)
+    loader_cfg = dataclasses.replace(config.loader, batch_size=plan.micro,
                                      device="cuda" if info.device.type == "cuda" else "cpu")
     loaders: list[Any] = []
     with stage_lifecycle(tracker, loaders):
@@ -215,11 +240,9 @@ def _train_locked(config: JobConfig, resolved: dict[str, Any], overrides: list[s
         first_loader.close()
         loaders.remove(first_loader)
 
-        global_batch = loop_cfg.batch_size * info.world_size
-        total_steps = -(-loop_cfg.total_nimg // global_batch)
+        total_steps = -(-loop_cfg.total_nimg // plan.global_batch)
         optimizer = method.make_optimizer(method.param_groups())
-        engine, _, _ = build_engine(module, optimizer, config.optim, config.engine, loop_cfg.batch_size,
-                                    info.world_size, total_steps)
+        engine, _, _ = build_engine(module, optimizer, config.optim, config.engine, plan, total_steps)
 
         state = LoopState()
         shared = {"loop": state, **method.shared_state()}
@@ -242,8 +265,8 @@ def _train_locked(config: JobConfig, resolved: dict[str, Any], overrides: list[s
         loaders.append(loader)
         stop = StopRequest().install()
         try:
-            state, preempted = run_loop(method, engine, iter(loader), loop_cfg, state, checkpoints, shared, per_rank,
-                                        info, config.run.seed, run_dir, tracker, loader=loader,
+            state, preempted = run_loop(method, engine, iter(loader), loop_cfg, plan, state, checkpoints, shared,
+                                        per_rank, info, config.run.seed, run_dir, tracker, loader=loader,
                                         stop_after_nimg=config.run.stop_after_nimg, stop=stop)
         finally:
             stop.restore()

@@ -2,10 +2,15 @@
 
     report -> samples -> checkpoint -> stop check -> step
 
-Progress is counted in images seen by all ranks (`cur_nimg`). Every step reseeds torch/numpy/random from
-(seed, rank, step), so an interrupted and resumed run draws exactly the noise an uninterrupted one draws. A step whose
-loss is non-finite on any rank is skipped on all ranks (parameters, optimizer and BN statistics untouched) and
-counted; too many in a row abort with a clear message.
+Progress is counted in images seen by all ranks (`cur_nimg`). An optimizer step takes `plan.accumulation`
+forward/backward passes of `plan.micro` images per rank (`loop.global_batch` split over the ranks, see
+`config.batch_plan`); every pass reseeds torch/numpy/random from (seed, rank, step, pass), so an interrupted and
+resumed run draws exactly the noise an uninterrupted one draws. A step with a non-finite loss in any pass on any rank
+is skipped on all ranks (parameters, optimizer and BN statistics untouched, partial gradients discarded) and counted;
+too many in a row abort with a clear message.
+
+Per-step metrics stay on the device and are summed there; they reach the host once per report (one collective), so
+the hot loop synchronises with the device only for the step's finiteness/stop vote.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 
 from core import dist as vdist
 from core.training.checkpoint import CheckpointManager, save_run_ids, tag_for
-from core.training.config import LoopConfig
+from core.training.config import BatchPlan, LoopConfig
 from core.training.preemption import StopRequest
 
 log = logging.getLogger("vaebm.train")
@@ -59,33 +64,37 @@ def _crossed(cur: int, last: int, every: int) -> bool:
 
 
 class Reporter:
-    """Accumulates per-step metrics locally and reduces them over ranks once per report (one collective)."""
+    """Accumulates per-step metrics on the device (no host synchronisation per step) and reduces them over ranks
+    once per report: one collective, one device-to-host copy."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
         self.t0 = time.perf_counter()
         self.nimg0 = 0
 
-    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+    def add(self, metrics: dict[str, torch.Tensor | float]) -> None:
         for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            v = torch.as_tensor(v).detach().to(self.device, torch.float64)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.steps += 1
 
     def reduce(self, cur_nimg: int) -> dict[str, float]:
         keys = sorted(self.sums)
-        t = torch.tensor([self.sums[k] for k in keys] + [float(self.steps)], dtype=torch.float64, device=self.device)
+        values = [self.sums[k].reshape(()) for k in keys]
+        t = torch.stack(values + [torch.tensor(float(self.steps), dtype=torch.float64, device=self.device)])
         vdist.all_reduce_sum(t)
-        count = max(t[-1].item(), 1.0)
-        out = {k: t[i].item() / count for i, k in enumerate(keys)}
+        host = t.tolist()
+        count = max(host[-1], 1.0)
+        out = {k: host[i] / count for i, k in enumerate(keys)}
         elapsed = time.perf_counter() - self.t0
         out["perf/images_per_s"] = (cur_nimg - self.nimg0) / elapsed if elapsed > 0 else 0.0
         self.sums, self.steps, self.t0, self.nimg0 = {}, 0, time.perf_counter(), cur_nimg
         return out
 
 
-def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, state: LoopState,
+def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, plan: BatchPlan, state: LoopState,
              checkpoints: CheckpointManager, shared: dict[str, Any], per_rank: dict[str, Any],
              info: vdist.DistInfo, seed: int, run_dir: Path, tracker, loader=None,
              stop_after_nimg: int | None = None, stop: StopRequest | None = None) -> tuple[LoopState, str | None]:
@@ -99,7 +108,7 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, s
     finiteness vote; the loop then reports, checkpoints at the current image count and returns. Returns the final
     state and the reason it stopped early (None when it reached its target).
     """
-    global_batch = loop.batch_size * info.world_size
+    global_batch = plan.global_batch
     start_nimg = state.cur_nimg
     reporter = Reporter(info.device)
     reporter.nimg0 = state.cur_nimg
@@ -108,7 +117,6 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, s
         from tqdm import tqdm
 
         bar = tqdm(total=loop.total_nimg, initial=state.cur_nimg, unit="img", unit_scale=True, dynamic_ncols=True)
-    module = engine.module
     preempted: str | None = None
     try:
         while True:
@@ -145,8 +153,7 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, s
             if state.cur_nimg > start_nimg and ((done and preempted is None) or _crossed(
                     state.cur_nimg, state.last_sample, loop.sample_every_nimg)):  # preempted: no time for grids
                 if info.is_rank0:
-                    for path in method.visuals(run_dir / "samples", state.cur_nimg):
-                        tracker.log_artifact(path, "samples")
+                    tracker.log_images(method.visuals(run_dir / "samples", state.cur_nimg), step=state.cur_nimg)
                 state.last_sample = state.cur_nimg
 
             # 3. checkpoint
@@ -163,29 +170,16 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, s
             if done:
                 return state, preempted
 
-            # 5. step
-            batch = next(data)  # before reseeding: whatever RNG the loader consumes must not shift the step's noise
-            vdist.seed_everything(seed, info.rank, state.step)
-            buffers = [b.detach().clone() for b in module.buffers()]
-            loss, metrics = method.loss(engine, batch, state.cur_nimg)
-            # One collective per step carries both votes: a non-finite loss on any rank, a stop request on any rank.
-            votes = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0,
-                                  1.0 if stop is not None and stop.requested() else 0.0], device=info.device)
-            nonfinite_ranks, stopping_ranks = vdist.all_reduce_sum(votes).tolist()
-            finite = nonfinite_ranks == 0
-            if stopping_ranks > 0:
-                preempted = stop.reason or "another rank was asked to stop"
+            # 5. step: plan.accumulation passes, then one optimizer step
+            # All passes' data first, before reseeding: whatever RNG the loader consumes must not shift the noise.
+            batches = [next(data) for _ in range(plan.accumulation)]
+            finite, stopping = train_step(method, engine, batches, seed, info, state.step, state.cur_nimg, reporter,
+                                          stop)
+            if stopping and preempted is None:
+                preempted = stop.reason if stop is not None and stop.reason else "another rank was asked to stop"
             if finite:
-                engine.backward(loss)
-                engine.step()
                 state.nonfinite_in_row = 0
-                reporter.add({"train/loss": loss.detach(), **metrics})
             else:
-                # Forward passes in train mode moved BN statistics with non-finite activations: restore them.
-                with torch.no_grad():
-                    for b, saved in zip(module.buffers(), buffers):
-                        b.copy_(saved)
-                engine.zero_grad()
                 state.skipped += 1
                 state.nonfinite_in_row += 1
                 if info.is_rank0:
@@ -202,6 +196,52 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, s
     finally:
         if bar is not None:
             bar.close()
+
+
+def train_step(method, engine, batches: list[dict[str, Any]], seed: int, info: vdist.DistInfo, step: int, nimg: int,
+               reporter: Reporter, stop: StopRequest | None = None) -> tuple[bool, bool]:
+    """One optimizer step of `len(batches)` gradient-accumulation passes; returns (finite, stop requested anywhere).
+
+    Each pass reseeds from (seed, rank, step, pass), computes the method's loss and votes with all ranks (one
+    collective: a non-finite loss on any rank, a stop request on any rank); DeepSpeed steps the optimizer after the
+    last pass (its accumulation boundary). A non-finite pass skips the step on every rank: BN statistics are restored,
+    the earlier passes' gradients discarded, and the remaining passes not computed (their images still count as
+    seen, so the data cursor stays exact). The passes' metrics go to `reporter` when the step was taken.
+    """
+    module = engine.module
+    buffers = [b.detach().clone() for b in module.buffers()]
+    stopping, passes = False, []
+    for i, batch in enumerate(batches):
+        vdist.seed_everything(seed, info.rank, step, *([i] if i else []))  # pass 0: the seed of a plain step
+        loss, metrics = method.loss(engine, batch, nimg)
+        votes = torch.stack([(~torch.isfinite(loss.detach())).any().to(torch.float32),
+                             torch.tensor(1.0 if stop is not None and stop.requested() else 0.0,
+                                          device=loss.device)]).to(info.device)
+        nonfinite_ranks, stopping_ranks = vdist.all_reduce_sum(votes).tolist()  # the host's one wait per pass
+        stopping = stopping or stopping_ranks > 0
+        if nonfinite_ranks > 0:
+            # Forward passes in train mode moved BN statistics with non-finite activations: restore them.
+            with torch.no_grad():
+                for b, saved in zip(module.buffers(), buffers):
+                    b.copy_(saved)
+            discard_gradients(engine, passes_done=i)
+            return False, stopping
+        engine.backward(loss)
+        engine.step()  # an optimizer step at the last pass only
+        passes.append({"train/loss": loss.detach(), **metrics})
+    for metrics in passes:  # a skipped step reports nothing
+        reporter.add(metrics)
+    return True, stopping
+
+
+def discard_gradients(engine, passes_done: int) -> None:
+    """Forget a skipped step: the parameters' gradients, the optimizer's accumulation buffers and DeepSpeed's count
+    of passes since the last optimizer step (so the next step's last pass is again its accumulation boundary)."""
+    engine.zero_grad()
+    zero_grad = getattr(engine.optimizer, "zero_grad", None)
+    if zero_grad is not None:
+        zero_grad(set_to_none=True)  # ZeRO-1 keeps accumulated gradients in `grad_accum` beside `.grad`
+    engine.micro_steps -= passes_done  # each completed pass called engine.step(), which counted it
 
 
 def loader_metrics(loader, device: torch.device) -> dict[str, float]:
