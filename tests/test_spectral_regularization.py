@@ -46,3 +46,20 @@ def test_batchnorm_penalty_is_sum_of_max_abs_gamma():
             bn.weight[0] = -(1.0 + i)
     expected = sum(1.0 + i for i in range(len(bns)))
     assert abs(model.batchnorm_penalty().item() - expected) < 1e-4
+
+
+def test_a_loaded_regularizer_skips_the_warm_up_like_the_one_it_was_saved_from():
+    """The warm-up flag lives in a buffer (checkpointed) and, for the step, in a Python bool: a regularizer loaded
+    from a warmed-up one runs the short iteration count, exactly as the saved one would have (resume bit-identity)."""
+    torch.manual_seed(0)
+    layers = [WNConv2d(4, 6, 3), WNConv2d(6, 6, 3)]
+    saved = SpectralRegularizer(layers, power_iterations=1, warmup_factor=10)
+    saved()  # warm-up call
+    state = {k: v.clone() for k, v in saved.state_dict().items()}
+    loaded = SpectralRegularizer(layers, power_iterations=1, warmup_factor=10)
+    loaded.load_state_dict(state)
+    assert loaded._warm and saved._warm
+    assert torch.equal(loaded(), saved())  # one iteration each from identical vectors
+    fresh = SpectralRegularizer(layers, power_iterations=1, warmup_factor=10)
+    fresh.load_state_dict({**state, "initialized": torch.tensor(False)})
+    assert not fresh._warm  # a checkpoint saved before the first call warms up on its first call

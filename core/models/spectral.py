@@ -39,13 +39,21 @@ class SpectralRegularizer(nn.Module):
             self.register_buffer(f"u{g}", F.normalize(torch.randn(len(members), rows), dim=1, eps=1e-3))
             self.register_buffer(f"v{g}", F.normalize(torch.randn(len(members), cols), dim=1, eps=1e-3))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        # The same flag as a Python bool: forward branches on it without reading the device (a host sync every step,
+        # and a graph break under torch.compile). The buffer stays the checkpointed truth; a load refreshes this.
+        self._warm = False
+        self.register_load_state_dict_post_hook(SpectralRegularizer._refresh_warm)
+
+    @staticmethod
+    def _refresh_warm(module: "SpectralRegularizer", incompatible_keys) -> None:
+        module._warm = bool(module.initialized)  # once per checkpoint load, not per step
 
     def stacked_weights(self) -> list[torch.Tensor]:
         return [torch.stack([_matrix(self._layers[i]) for i in members]) for _, members in self._groups]
 
     def forward(self) -> torch.Tensor:
         """Advance the power iterations (no grad) and return sum_i u_i^T W_i v_i (differentiable in W)."""
-        iterations = self.power_iterations * (1 if bool(self.initialized) else self.warmup_factor)
+        iterations = self.power_iterations * (1 if self._warm else self.warmup_factor)
         total = torch.zeros((), device=self.initialized.device)
         for g, weights in enumerate(self.stacked_weights()):
             u, v = getattr(self, f"u{g}"), getattr(self, f"v{g}")
@@ -59,6 +67,7 @@ class SpectralRegularizer(nn.Module):
             sigma = torch.bmm(u.unsqueeze(1).to(weights.dtype), torch.bmm(weights, v.unsqueeze(2).to(weights.dtype)))
             total = total + sigma.sum()
         self.initialized.fill_(True)
+        self._warm = True
         return total
 
     def estimates(self) -> list[torch.Tensor]:
