@@ -62,8 +62,10 @@ class _Regression:
     def __init__(self):
         self.poison: set[int] = set()
         self.calls = 0
+        self.nimgs: list[int] = []
 
     def loss(self, engine, batch, nimg):
+        self.nimgs.append(nimg)
         out = engine(batch["x"])
         loss = ((out - batch["y"]) ** 2).mean()
         if self.calls in self.poison:
@@ -93,10 +95,11 @@ def _worker(out_path: str) -> None:
     reporter = Reporter(info.device)
     results = {}
     method.poison = {1}  # the second pass of the first step is NaN: the whole step must leave no trace
-    results["skipped"] = train_step(method, engine, batches, 0, info, 0, 0, reporter)
+    results["skipped"] = train_step(method, engine, batches, 0, info, 0, 0, reporter, images_per_pass=4)
     results["after_skip"] = [p.detach().clone() for p in engine.module.parameters()]
     results["after_skip_grads"] = [p.grad for p in engine.module.parameters()]
-    results["done"] = train_step(method, engine, batches, 0, info, 1, 12, reporter)
+    results["done"] = train_step(method, engine, batches, 0, info, 1, 12, reporter, images_per_pass=4)
+    results["nimgs"] = method.nimgs
     results["after_step"] = [p.detach().clone() for p in engine.module.parameters()]
     results["global_steps"] = engine.global_steps
     results["w0"] = w0
@@ -121,6 +124,7 @@ def test_accumulated_step_equals_one_full_batch_step_and_a_nan_pass_leaves_no_tr
     assert r["done"] == (True, False)
     assert r["global_steps"] == 1  # one optimizer step for three passes (DeepSpeed's boundary was the last pass)
     assert r["reported_steps"] == 3  # the three passes of the step taken; the skipped step reports nothing
+    assert r["nimgs"] == [0, 4, 12, 16, 20]  # each pass sees the images before it: methods seeding from it vary
 
     # Reference in float64: plain gradient descent on the mean squared error of all 12 samples at once.
     w, b = (t.double().clone().requires_grad_(True) for t in r["w0"])

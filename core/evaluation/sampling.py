@@ -170,7 +170,9 @@ def run_sampling(config: SampleConfig, resolved: dict[str, Any]) -> Path:
                 error = f"merging the parts into {out / NPZ_NAME} failed: {err}"
         error = _from_rank0(error)
         if error:
-            raise RuntimeError(error)  # on every rank: none waits for a peer that has stopped
+            from core.training.cli import JobFailed
+
+            raise JobFailed(error, 1)  # on every rank (one line, exit 1): none waits for a peer that has stopped
     if info.is_rank0:
         if config.grid:
             _write_grid_and_strip(model, config, info.device, out, head_parts)
@@ -254,7 +256,7 @@ def _check_shared_dir(out: Path, rank: int, world_size: int) -> None:
     error = _from_rank0(error)
     marker.unlink(missing_ok=True)
     if error:
-        raise RuntimeError(error)
+        raise ConfigError(error)  # on every rank: one line, exit 2
 
 
 def _gather_to_rank0(obj: Any) -> list[Any]:

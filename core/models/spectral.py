@@ -48,6 +48,11 @@ class SpectralRegularizer(nn.Module):
     def _refresh_warm(module: "SpectralRegularizer", incompatible_keys) -> None:
         module._warm = bool(module.initialized)  # once per checkpoint load, not per step
 
+    def buffers_restored(self) -> None:
+        """The buffers were overwritten in place (a training step skipped for a non-finite loss restores them):
+        re-read the warm-up flag, so a discarded first call is warmed up again."""
+        self._warm = bool(self.initialized)
+
     def stacked_weights(self) -> list[torch.Tensor]:
         return [torch.stack([_matrix(self._layers[i]) for i in members]) for _, members in self._groups]
 

@@ -25,7 +25,7 @@ from core.tracking import ModelNotFoundError, Tracker, resolve_tracking_uri
 from core.training import preflight
 from core.training.checkpoint import (CheckpointManager, RNGStreams, load_run_ids, publish_model, read_model,
                                       save_run_ids, stage_lifecycle, tag_for)
-from core.training.config import JobConfig, batch_plan, compose_job
+from core.training.config import ConfigError, JobConfig, batch_plan, compose_job
 from core.training.engine import build_engine
 from core.training.lock import RunDirLock, RunDirLocked
 from core.training.loop import LoopState, run_loop
@@ -79,8 +79,9 @@ def load_backbone(reference: str, tracking_uri: str | None, device: torch.device
     from core.training.checkpoint import read_model_with_source
 
     try:
-        bundle, weights, source = read_model_with_source(reference, tracking_uri,
-                                                         resolve_source=tracker is not None and tracker.active)
+        # The registered version's run is looked up by the tracker's sender, off the training path: a slow or failing
+        # lookup on rank 0 alone must never stall the other ranks at their next collective.
+        bundle, weights, source = read_model_with_source(reference, tracking_uri, resolve_source=False)
     except ModelNotFoundError as err:  # the server (or the disk) says it does not exist; unreachable is an error
         raise BackboneNotFound(f"no backbone at {reference}: {err}") from err
     model = build_model(bundle, weights, device)
@@ -251,10 +252,15 @@ def _train_locked(config: JobConfig, resolved: dict[str, Any], overrides: list[s
             checkpoints.load(engine, tag, shared, per_rank)
             if info.is_rank0:
                 log.info("resuming from %s at nimg=%d", tag, state.cur_nimg)
+            if state.global_batch not in (0, plan.global_batch):  # the same on every rank: all refuse alike
+                raise ConfigError(f"{run_dir} was trained with {state.global_batch} images per optimizer step; this "
+                                  f"command asks for {plan.global_batch} (loop.global_batch, or batch_size x ranks). "
+                                  f"Continue it with loop.global_batch={state.global_batch}, or start a new run.dir")
         else:
             tracker.log_params(resolved)
+        state.global_batch = plan.global_batch
 
-        if state.cur_nimg >= loop_cfg.total_nimg and (run_dir / "model").is_dir():  # a rerun of a finished run
+        if state.cur_nimg >= loop_cfg.total_nimg and (run_dir / "model" / "MLmodel").is_file():  # finished before
             if info.is_rank0:
                 log.info("training is complete (nimg=%d of %d): nothing to do; the model is in %s", state.cur_nimg,
                          loop_cfg.total_nimg, run_dir / "model")

@@ -50,6 +50,7 @@ class LoopState:
     last_checkpoint: int = 0
     healthy_checkpoint: str | None = None  # newest checkpoint written while the health check passed
     unhealthy_reports: int = 0  # consecutive reports that failed the health check
+    global_batch: int = 0  # images per optimizer step the run trains with (0: checkpoints from before it was kept)
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -174,7 +175,7 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, p
             # All passes' data first, before reseeding: whatever RNG the loader consumes must not shift the noise.
             batches = [next(data) for _ in range(plan.accumulation)]
             finite, stopping = train_step(method, engine, batches, seed, info, state.step, state.cur_nimg, reporter,
-                                          stop)
+                                          stop, images_per_pass=plan.micro * info.world_size)
             if stopping and preempted is None:
                 preempted = stop.reason if stop is not None and stop.reason else "another rank was asked to stop"
             if finite:
@@ -199,21 +200,25 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, p
 
 
 def train_step(method, engine, batches: list[dict[str, Any]], seed: int, info: vdist.DistInfo, step: int, nimg: int,
-               reporter: Reporter, stop: StopRequest | None = None) -> tuple[bool, bool]:
+               reporter: Reporter, stop: StopRequest | None = None, images_per_pass: int = 0) -> tuple[bool, bool]:
     """One optimizer step of `len(batches)` gradient-accumulation passes; returns (finite, stop requested anywhere).
 
     Each pass reseeds from (seed, rank, step, pass), computes the method's loss and votes with all ranks (one
     collective: a non-finite loss on any rank, a stop request on any rank); DeepSpeed steps the optimizer after the
-    last pass (its accumulation boundary). A non-finite pass skips the step on every rank: BN statistics are restored,
-    the earlier passes' gradients discarded, and the remaining passes not computed (their images still count as
-    seen, so the data cursor stays exact). The passes' metrics go to `reporter` when the step was taken.
+    last pass (its accumulation boundary). Pass i sees `nimg + i * images_per_pass` as its image count (the images
+    all ranks saw before it), so a method that derives noise from it draws new noise on every pass. All passes'
+    batches are read before the first pass (the loader's RNG must not shift the step's noise), so a rank holds its
+    whole share of the global batch at once. A non-finite pass skips the step on every rank: buffers (BN statistics,
+    power-iteration vectors) are restored, the earlier passes' gradients discarded, and the remaining passes not
+    computed (their images still count as seen, so the data cursor stays exact). The passes' metrics go to
+    `reporter` when the step was taken.
     """
     module = engine.module
     buffers = [b.detach().clone() for b in module.buffers()]
     stopping, passes = False, []
     for i, batch in enumerate(batches):
         vdist.seed_everything(seed, info.rank, step, *([i] if i else []))  # pass 0: the seed of a plain step
-        loss, metrics = method.loss(engine, batch, nimg)
+        loss, metrics = method.loss(engine, batch, nimg + i * images_per_pass)
         votes = torch.stack([(~torch.isfinite(loss.detach())).any().to(torch.float32),
                              torch.tensor(1.0 if stop is not None and stop.requested() else 0.0,
                                           device=loss.device)]).to(info.device)
@@ -224,6 +229,9 @@ def train_step(method, engine, batches: list[dict[str, Any]], seed: int, info: v
             with torch.no_grad():
                 for b, saved in zip(module.buffers(), buffers):
                     b.copy_(saved)
+            for m in module.modules():  # modules that mirror a buffer on the host re-read it (rare: skipped steps)
+                if callable(getattr(m, "buffers_restored", None)):
+                    m.buffers_restored()
             discard_gradients(engine, passes_done=i)
             return False, stopping
         engine.backward(loss)
