@@ -120,10 +120,12 @@ class _Payload:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.parametrize("zero_stage", [2])
 def test_a_pickle_payload_in_any_file_a_resume_reads_is_refused(tmp_path, zero_stage):
     """Each file of the checkpoint in turn gets a payload (and a manifest rewritten to match, as an attacker would):
-    the resume refuses it with one line naming the file, exit code 2, and the payload never runs."""
+    the resume refuses it with one line naming the file, exit code 2, and the payload never runs. ZeRO-2 writes every
+    kind of file a resume reads (model states, the optimizer partition, the rank file); stage 0's two files are the
+    same kinds read through the same checkpoint engine, so CI runs this stage only (its budget)."""
     run = tmp_path / "run"
     _train(tmp_path, run, "loop.total_nimg=16", f"engine.zero_stage={zero_stage}")
     ckpt = run / "checkpoints" / "nimg-000000000016"
