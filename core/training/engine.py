@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from core.optim.config import OptimConfig
-from core.training.config import BatchPlan, ConfigError, EngineConfig
+from core.training.config import BatchPlan, EngineConfig
 
 
 def deepspeed_config(engine: EngineConfig, plan: BatchPlan) -> dict[str, Any]:
@@ -77,13 +77,6 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim
     lr_min / lr of it."""
     import deepspeed
 
-    if engine.zero_stage == 2 and plan.accumulation > 1:
-        # ZeRO-2 reduces partial gradients into its partitions at every pass: a step skipped for a non-finite loss
-        # half-way through its passes could not discard them.
-        raise ConfigError(f"engine.zero_stage=2 with gradient accumulation ({plan.accumulation} passes of "
-                          f"{plan.micro} images per rank for loop.global_batch={plan.global_batch} on "
-                          f"{plan.world_size} ranks) is not supported: use zero_stage 1, more ranks or a larger "
-                          f"loop.batch_size")
     warmup_steps = math.ceil(optim.warmup_nimg / plan.global_batch)
     factor = lambda step: warmup_cosine(step, total_steps, warmup_steps, optim.lr, optim.lr_min)  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor] * len(optimizer.param_groups))
