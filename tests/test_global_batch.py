@@ -80,6 +80,7 @@ def _worker(out_path: str) -> None:
     from core.training.config import EngineConfig
     from core.training.engine import build_engine
     from core.training.loop import Reporter, train_step
+    from core.training.preemption import StopRequest
 
     info = vdist.init_distributed(60.0)
     torch.manual_seed(0)
@@ -98,7 +99,9 @@ def _worker(out_path: str) -> None:
     results["skipped"] = train_step(method, engine, batches, 0, info, 0, 0, reporter, images_per_pass=4)
     results["after_skip"] = [p.detach().clone() for p in engine.module.parameters()]
     results["after_skip_grads"] = [p.grad for p in engine.module.parameters()]
-    results["done"] = train_step(method, engine, batches, 0, info, 1, 12, reporter, images_per_pass=4)
+    stop = StopRequest()
+    stop.reason = "SIGINT"  # as if this rank had been interrupted: the step is taken, the reason comes back
+    results["done"] = train_step(method, engine, batches, 0, info, 1, 12, reporter, stop, images_per_pass=4)
     results["nimgs"] = method.nimgs
     results["after_step"] = [p.detach().clone() for p in engine.module.parameters()]
     results["global_steps"] = engine.global_steps
@@ -117,11 +120,11 @@ def test_accumulated_step_equals_one_full_batch_step_and_a_nan_pass_leaves_no_tr
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = torch.load(out, weights_only=True)
 
-    assert r["skipped"] == (False, False)
+    assert r["skipped"] == (False, None)
     for p, p0 in zip(r["after_skip"], r["w0"]):
         assert torch.equal(p, p0)  # the skipped step did not move anything
     assert all(g is None for g in r["after_skip_grads"])  # and left no partial gradient behind
-    assert r["done"] == (True, False)
+    assert r["done"] == (True, "SIGINT")
     assert r["global_steps"] == 1  # one optimizer step for three passes (DeepSpeed's boundary was the last pass)
     assert r["reported_steps"] == 3  # the three passes of the step taken; the skipped step reports nothing
     assert r["nimgs"] == [0, 4, 12, 16, 20]  # each pass sees the images before it: methods seeding from it vary
@@ -139,3 +142,15 @@ def test_accumulated_step_equals_one_full_batch_step_and_a_nan_pass_leaves_no_tr
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+def test_ranks_agree_on_the_reason_the_signalled_rank_saw():
+    """Summed one-hot votes: every rank reports the first reason any rank saw, none when no rank was asked."""
+    from core.training.preemption import StopRequest
+    quiet, runner_gone, sigterm = [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]
+    assert StopRequest.agreed(quiet) is None
+    assert StopRequest.agreed([a + b for a, b in zip(quiet, runner_gone)]) == "the deepspeed runner exited"
+    assert StopRequest.agreed([a + b for a, b in zip(runner_gone, sigterm)]) == "SIGTERM"
+    stop = StopRequest()
+    stop.reason = "SIGINT"
+    assert stop.vote() == [0.0, 1.0, 0.0]

@@ -176,8 +176,8 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, p
             batches = [next(data) for _ in range(plan.accumulation)]
             finite, stopping = train_step(method, engine, batches, seed, info, state.step, state.cur_nimg, reporter,
                                           stop, images_per_pass=plan.micro * info.world_size)
-            if stopping and preempted is None:
-                preempted = stop.reason if stop is not None and stop.reason else "another rank was asked to stop"
+            if stopping is not None and preempted is None:
+                preempted = stopping  # the reason the rank that was asked saw, the same on every rank
             if finite:
                 state.nonfinite_in_row = 0
             else:
@@ -200,8 +200,10 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, p
 
 
 def train_step(method, engine, batches: list[dict[str, Any]], seed: int, info: vdist.DistInfo, step: int, nimg: int,
-               reporter: Reporter, stop: StopRequest | None = None, images_per_pass: int = 0) -> tuple[bool, bool]:
-    """One optimizer step of `len(batches)` gradient-accumulation passes; returns (finite, stop requested anywhere).
+               reporter: Reporter, stop: StopRequest | None = None,
+               images_per_pass: int = 0) -> tuple[bool, str | None]:
+    """One optimizer step of `len(batches)` gradient-accumulation passes; returns (finite, the reason any rank was
+    asked to stop or None).
 
     Each pass reseeds from (seed, rank, step, pass), computes the method's loss and votes with all ranks (one
     collective: a non-finite loss on any rank, a stop request on any rank); DeepSpeed steps the optimizer after the
@@ -215,15 +217,15 @@ def train_step(method, engine, batches: list[dict[str, Any]], seed: int, info: v
     """
     module = engine.module
     buffers = [b.detach().clone() for b in module.buffers()]
-    stopping, passes = False, []
+    stopping, passes = None, []
     for i, batch in enumerate(batches):
         vdist.seed_everything(seed, info.rank, step, *([i] if i else []))  # pass 0: the seed of a plain step
         loss, metrics = method.loss(engine, batch, nimg + i * images_per_pass)
-        votes = torch.stack([(~torch.isfinite(loss.detach())).any().to(torch.float32),
-                             torch.tensor(1.0 if stop is not None and stop.requested() else 0.0,
-                                          device=loss.device)]).to(info.device)
-        nonfinite_ranks, stopping_ranks = vdist.all_reduce_sum(votes).tolist()  # the host's one wait per pass
-        stopping = stopping or stopping_ranks > 0
+        stop_votes = stop.vote() if stop is not None else [0.0] * len(StopRequest.REASONS)
+        votes = torch.cat([(~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1),
+                           torch.tensor(stop_votes, device=loss.device)]).to(info.device)
+        nonfinite_ranks, *stop_counts = vdist.all_reduce_sum(votes).tolist()  # the host's one wait per pass
+        stopping = stopping or StopRequest.agreed(stop_counts)
         if nonfinite_ranks > 0:
             # Forward passes in train mode moved BN statistics with non-finite activations: restore them.
             with torch.no_grad():

@@ -19,7 +19,13 @@ class Preempted(Exception):
 
 
 class StopRequest:
-    """This rank's reason to stop early, if any (installed for the job's life; the previous handlers come back)."""
+    """This rank's reason to stop early, if any (installed for the job's life; the previous handlers come back).
+
+    The reason is one of `REASONS`, so ranks can agree on it with one sum of one-hot votes (`vote`, `agreed`): every
+    rank then reports the reason of the rank that saw it, not that some other rank was asked to stop.
+    """
+
+    REASONS = ("SIGTERM", "SIGINT", "the deepspeed runner exited")
 
     def __init__(self):
         self.reason: str | None = None
@@ -41,8 +47,18 @@ class StopRequest:
 
     def requested(self) -> bool:
         if self.reason is None and self._runner is not None and not _alive(self._runner):
-            self.reason = "the deepspeed runner exited"
+            self.reason = self.REASONS[2]
         return self.reason is not None
+
+    def vote(self) -> list[float]:
+        """This rank's one-hot vote over `REASONS` (all zeros: no reason to stop)."""
+        self.requested()
+        return [1.0 if self.reason == r else 0.0 for r in self.REASONS]
+
+    @classmethod
+    def agreed(cls, votes: list[float]) -> str | None:
+        """The reason all ranks stop for, from the sum of their votes: the first reason any rank saw, else None."""
+        return next((r for r, n in zip(cls.REASONS, votes) if n > 0), None)
 
 
 def _alive(process: psutil.Process) -> bool:
