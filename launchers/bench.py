@@ -11,4 +11,7 @@ from core.evaluation.bench import BenchConfig, describe_bench, run_bench
 from core.training.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(run_job(BenchConfig, "bench", sys.argv[1:], run_bench, describe_bench, doc=__doc__))
+    sys.exit(run_job(BenchConfig, "bench", sys.argv[1:], run_bench, describe_bench, doc=__doc__,
+                     choices={"preset": ("bench_preset", "conf/bench_preset/<name>.yaml: the shapes it measures"),
+                              "nvae_preset": ("nvae", "instead of the preset's backbone"),
+                              "energy_preset": ("energy", "instead of the preset's energy network")}))

@@ -2,6 +2,7 @@
 real MLflow server, nested under the model's pipeline run), fid with stand-in Inception weights, missing weights."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,9 @@ def test_ood_of_the_registered_vaebm_lands_in_mlflow(trained):
     assert len(evals) == 1
     run = evals[0]
     assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["vaebm.evaluated_run"] == mv.run_id
+    # named and tagged like the run it evaluates (the stage tag tells them apart)
+    assert re.fullmatch(r"vaebm-digits-[0-9a-f]{8}", run.info.run_name), run.info.run_name
+    assert run.data.tags["vaebm.method"] == "vaebm" and run.data.tags["vaebm.dataset"] == "digits"
     assert run.data.metrics["ood/noise/auroc_vaebm"] == pytest.approx(sets["noise"]["auroc_vaebm"])
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"evaluate_ood.json", "evaluate_ood.md"} <= arts

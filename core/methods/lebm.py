@@ -205,30 +205,48 @@ def decode_latents(model: LatentEBMModel, z: list[torch.Tensor]) -> torch.Tensor
 
 
 class _Curves:
-    """f(z+) and f(z-) per step on this rank (the curves users watch), kept to at most `limit` points by halving."""
+    """f(z+) and f(z-) per step on this rank (the curves users watch), kept to at most `limit` points by halving.
+
+    The step's values stay on the device until the curve is read (a plot, a checkpoint) or `limit` steps are
+    pending: then one copy brings them all to the host, so the training step never waits on the device for them.
+    """
 
     def __init__(self, limit: int = 4096):
         self.limit = limit
         self.nimg: list[int] = []
         self.f_pos: list[float] = []
         self.f_neg: list[float] = []
+        self._pending: list[tuple[int, torch.Tensor]] = []
 
-    def add(self, nimg: int, f_pos: float, f_neg: float) -> None:
-        self.nimg.append(int(nimg))
-        self.f_pos.append(float(f_pos))
-        self.f_neg.append(float(f_neg))
-        if len(self.nimg) > self.limit:
-            self.nimg, self.f_pos, self.f_neg = self.nimg[::2], self.f_pos[::2], self.f_neg[::2]
+    def add(self, nimg: int, f_pos: torch.Tensor, f_neg: torch.Tensor) -> None:
+        self._pending.append((int(nimg), torch.stack([f_pos.detach().float(), f_neg.detach().float()])))
+        if len(self._pending) >= self.limit:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        values = torch.stack([v for _, v in self._pending]).tolist()  # the one device-to-host copy
+        for (nimg, _), (pos, neg) in zip(self._pending, values):
+            self.nimg.append(nimg)
+            self.f_pos.append(pos)
+            self.f_neg.append(neg)
+            if len(self.nimg) > self.limit:
+                self.nimg, self.f_pos, self.f_neg = self.nimg[::2], self.f_pos[::2], self.f_neg[::2]
+        self._pending.clear()
 
     def state_dict(self) -> dict[str, Any]:
+        self._flush()
         return {"nimg": list(self.nimg), "f_pos": list(self.f_pos), "f_neg": list(self.f_neg)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending.clear()
         self.nimg = [int(v) for v in state.get("nimg", [])]
         self.f_pos = [float(v) for v in state.get("f_pos", [])]
         self.f_neg = [float(v) for v in state.get("f_neg", [])]
 
     def plot(self, path: Path, title: str) -> Path:
+        self._flush()
         import matplotlib
 
         matplotlib.use("Agg")
@@ -325,7 +343,7 @@ class LEBMMethod(Method):
         if amortized:  # Eq. 19: + E_q[log q(z|x) - log p_beta(z)]; its -log p(z1|z2) part is already above
             loss = loss + (t["log_q"] - t["log_prior"] + t["logc_pos"]).mean()
         self.iteration.value += 1
-        self.curves.add(nimg, float(f_pos.detach()), float(f_neg.detach()))
+        self.curves.add(nimg, f_pos, f_neg)
         pixels = x[0].numel()
         metrics = {
             "lebm/f_pos": f_pos.detach(), "lebm/f_neg": f_neg.detach(), "lebm/f_gap": (f_pos - f_neg).detach(),

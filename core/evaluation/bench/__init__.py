@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from core.evaluation.bench.config import PRESETS, SUITES, BenchConfig, BenchPreset, DataBenchConfig
+from core.evaluation.bench.config import SUITES, BenchConfig, BenchPreset, DataBenchConfig
 from core.evaluation.bench.suites import Bench, Row
 
 COLUMNS = ("suite", "loop", "preset", "path", "batch", "throughput", "step ms", "peak mem", "GFLOP/step", "%peak",
@@ -87,5 +87,5 @@ def describe_bench(config: BenchConfig, resolved: dict[str, Any]) -> str:
     return yaml.safe_dump({**resolved, "resolved_preset": asdict(config.resolved_preset())}, sort_keys=False)
 
 
-__all__ = ["BenchConfig", "BenchPreset", "DataBenchConfig", "PRESETS", "SUITES", "Row", "Bench", "run_bench",
+__all__ = ["BenchConfig", "BenchPreset", "DataBenchConfig", "SUITES", "Row", "Bench", "run_bench",
            "describe_bench", "format_table"]

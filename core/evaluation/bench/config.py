@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core.training.config import ConfigError
+from core.training.config import ConfigError, load_preset, preset_names
 
 SUITES = ("stage1", "langevin", "sample", "data", "all")
 TARGETS = ("exact", "reference")
@@ -25,21 +25,12 @@ class BenchPreset:
     use_mean: bool = False  # CD negatives are decoder means (the official --use_mu_cd of the preset's experiment)
 
 
-PRESETS: dict[str, BenchPreset] = {
-    # CPU smoke test: the quickstart backbone with a 16-wide energy net, short chains.
-    "tiny": BenchPreset("tiny", "cifar10", 16, stage1_batch=4, stage2_batch=4, langevin_steps=2, step_size=8e-5,
-                        test_steps=2, sample_batch=4),
-    # Table 8 row 1; 50 test samples of 16 steps is the paper's timing (vaebm.md Sec. 5, App. J: 8.79 s, Titan RTX).
-    "cifar10": BenchPreset("cifar10", "cifar10", None, stage1_batch=32, stage2_batch=32, langevin_steps=10,
-                           step_size=8e-5, test_steps=16, sample_batch=50),
-    "celeba64": BenchPreset("celeba64", "celeba64", None, stage1_batch=32, stage2_batch=32, langevin_steps=10,
-                            step_size=5e-6, test_steps=20, sample_batch=40),
-    "lsun_church64": BenchPreset("lsun_church64", "lsun_church64", None, stage1_batch=32, stage2_batch=32,
-                                 langevin_steps=10, step_size=4e-6, test_steps=20, sample_batch=40),
-    # Stage 1 at 4 images per GPU (docs/benchmarks.md H100 row); stage 2 at the experiment's per-GPU micro-batch.
-    "celebahq256": BenchPreset("celebahq256", "celebahq256", None, stage1_batch=4, stage2_batch=4, langevin_steps=6,
-                               step_size=3e-6, test_steps=24, sample_batch=8, use_mean=True),
-}
+PRESET_GROUP = "bench_preset"  # the presets are conf/bench_preset/<name>.yaml
+
+
+def bench_preset(name: str) -> BenchPreset:
+    """The preset conf/bench_preset/<name>.yaml as a typed BenchPreset (KeyError: no such preset)."""
+    return load_preset(PRESET_GROUP, name, BenchPreset)
 
 
 @dataclass
@@ -65,7 +56,7 @@ class BenchConfig:
     """Options of launchers/bench.py (key=value); None fields take the preset's value."""
 
     suite: str = "all"  # stage1 | langevin | sample | data | all
-    preset: str = "tiny"  # shapes: tiny | cifar10 | celeba64 | lsun_church64 | celebahq256 (PRESETS)
+    preset: str = "tiny"  # shapes: conf/bench_preset/<name>.yaml (tiny | cifar10 | celeba64 | lsun_church64 | celebahq256)
     nvae_preset: str | None = None  # conf/nvae/<name>.yaml instead of the preset's
     energy_preset: str | None = None  # conf/energy/<name>.yaml instead of the preset's
     energy_channels: int | None = None  # energy base width instead of the preset's
@@ -95,7 +86,8 @@ class BenchConfig:
                 raise ConfigError(message)
 
         req(self.suite in SUITES, f"suite must be one of {'|'.join(SUITES)}, got {self.suite!r}")
-        req(self.preset in PRESETS, f"preset must be one of {'|'.join(PRESETS)}, got {self.preset!r}")
+        names = preset_names(PRESET_GROUP)
+        req(self.preset in names, f"preset must be one of {'|'.join(names)}, got {self.preset!r}")
         req(self.target in TARGETS, f"target must be one of {'|'.join(TARGETS)}, got {self.target!r}")
         req(self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}")
         req(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
@@ -115,7 +107,7 @@ class BenchConfig:
         """The preset with this config's overrides applied."""
         import dataclasses
 
-        p = PRESETS[self.preset]
+        p = bench_preset(self.preset)
         return dataclasses.replace(
             p, nvae=self.nvae_preset or p.nvae, energy=self.energy_preset or p.energy,
             energy_channels=self.energy_channels or p.energy_channels,
