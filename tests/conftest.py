@@ -5,6 +5,9 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Where every launched job keeps DeepSpeed's compiled ops (core/training/cli.py, tests/launch.py): one build serves
+# the jobs, the tests' own DeepSpeed workers and the early build below.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "vaebm" / "torch_extensions"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -15,23 +18,24 @@ import torch  # noqa: E402
 # test that gets there first waits on the build's file lock, as two ranks do).
 _BUILD_OP = ("from deepspeed.accelerator import get_accelerator; "
              "get_accelerator().create_op_builder('ShareMemCommBuilder').load()")
+_build: subprocess.Popen | None = None
 
 
 def _op_is_built() -> bool:
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    return any(root.glob("*/deepspeed_shm_comm/*.so")) or any(root.glob("deepspeed_shm_comm/*.so"))
+    return any(Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("**/deepspeed_shm_comm*.so"))
 
 
 def pytest_sessionstart(session):
+    global _build
     if not torch.cuda.is_available() and not _op_is_built():
-        session.config._deepspeed_op_build = subprocess.Popen(
-            [sys.executable, "-c", _BUILD_OP], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _build = subprocess.Popen([sys.executable, "-c", _BUILD_OP], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
 
 
 def pytest_sessionfinish(session):
-    build = getattr(session.config, "_deepspeed_op_build", None)
-    if build is not None and build.poll() is None:
-        build.wait(timeout=600)
+    if _build is not None and _build.poll() is None:  # a short run ended first: the next build starts over
+        _build.kill()
+        _build.wait()
 
 
 @pytest.fixture(autouse=True)

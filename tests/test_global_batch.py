@@ -140,12 +140,10 @@ def test_accumulated_step_equals_one_full_batch_step_and_a_nan_pass_leaves_no_tr
     assert (r["after_step"][0].double() - expected[0]).abs().max() < 1e-6 < (3 * LR * gw).abs().max()
 
 
-if __name__ == "__main__":
-    _worker(sys.argv[1])
 
-
-def test_ranks_agree_on_the_reason_the_signalled_rank_saw():
-    """Summed one-hot votes: every rank reports the first reason any rank saw, none when no rank was asked."""
+def test_stop_votes_sum_to_one_agreed_reason():
+    """Summed one-hot votes: the reason is one some rank saw (the first in REASONS order), None when no rank was
+    asked; a reason outside REASONS is an error, never a silently dropped stop."""
     from core.training.preemption import StopRequest
     quiet, runner_gone, sigterm = [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]
     assert StopRequest.agreed(quiet) is None
@@ -154,3 +152,35 @@ def test_ranks_agree_on_the_reason_the_signalled_rank_saw():
     stop = StopRequest()
     stop.reason = "SIGINT"
     assert stop.vote() == [0.0, 1.0, 0.0]
+    stop.reason = "SIGHUP"
+    with pytest.raises(ValueError, match="SIGHUP"):
+        stop.vote()
+
+
+def _vote_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from core import dist as vdist
+    from core.training.preemption import StopRequest
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    stop = StopRequest()
+    if rank == 1:
+        stop.reason = "SIGTERM"  # only rank 1 was signalled
+    counts = vdist.all_reduce_sum(torch.tensor(stop.vote())).tolist()
+    torch.save({"agreed": StopRequest.agreed(counts), "counts": counts}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_agree_on_the_reason_only_one_of_them_saw(tmp_path):
+    """Two gloo ranks, only rank 1 signalled: after the vote's all-reduce rank 0 stops for SIGTERM too."""
+    from launch import free_port
+    torch.multiprocessing.spawn(_vote_worker, args=(free_port(), str(tmp_path / "vote")), nprocs=2)
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"vote.{rank}", weights_only=True)
+        assert r == {"agreed": "SIGTERM", "counts": [1.0, 0.0, 0.0]}, rank
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
+

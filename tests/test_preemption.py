@@ -43,9 +43,10 @@ def _wait_for_training(run: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
-def _preempt_and_resume(tmp_path: Path, run: Path, proc: subprocess.Popen, target: int, reference) -> None:
-    """Signal `target` mid-run; every rank stops within the grace period with a checkpoint where it was; with a
-    `reference` (the uninterrupted run's weights) the same command then resumes to exactly those weights."""
+def _preempt(tmp_path: Path, run: Path, proc: subprocess.Popen, target: int, reason: str, reference) -> None:
+    """Signal `target` mid-run; every rank stops within the grace period with a checkpoint where it was, and rank 0
+    names `reason` (the ranks agree on it even when one of them noticed a step earlier); with a `reference` (the
+    uninterrupted run's weights) the same command then resumes to exactly those weights."""
     _wait_for_training(run, proc)
     ranks = _ranks(psutil.Process(proc.pid))
     assert len(ranks) == 2
@@ -56,13 +57,15 @@ def _preempt_and_resume(tmp_path: Path, run: Path, proc: subprocess.Popen, targe
     assert time.perf_counter() - t0 < GRACE_S
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0 and not (run / "model").exists()
-    stopped = re.search(r"stopped at nimg=(\d+) \((SIGTERM|the deepspeed runner exited)\)", out)
+    stopped = re.search(rf"stopped at nimg=(\d+) \({reason}\)", out)
     assert stopped, out[-4000:]
     nimg = int(stopped.group(1))
     assert nimg % 160 != 0 or nimg > 160  # not just the periodic checkpoint: where the job was
     assert (run / "checkpoints").joinpath(f"nimg-{nimg:012d}").is_dir()
     assert (run / "checkpoints" / "latest").read_text().strip() == f"nimg-{nimg:012d}"
-    assert verify_manifest(run / "checkpoints" / f"nimg-{nimg:012d}") is None  # complete: every rank's files, intact
+    ckpt = run / "checkpoints" / f"nimg-{nimg:012d}"
+    assert verify_manifest(ckpt) is None  # intact
+    assert {"rank0.pt", "rank1.pt", "mp_rank_00_model_states.pt"} <= {p.name for p in ckpt.iterdir()}  # every rank
     if reference is None:
         return
     resumed = finish(deepspeed([*ARGS, f"run.dir={run}"], tmp_path, None))
@@ -86,7 +89,7 @@ def test_sigterm_to_the_launch_script_checkpoints_every_rank_and_resumes_exactly
     proc = subprocess.Popen(["bash", str(ROOT / "k8s/base/launch-deepspeed.sh"), "--master_port", str(free_port()),
                              str(ROOT / "launchers/train_nvae.py"), *ARGS, f"run.dir={run}"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    _preempt_and_resume(tmp_path, run, proc, proc.pid, uninterrupted)
+    _preempt(tmp_path, run, proc, proc.pid, "SIGTERM", uninterrupted)
     assert proc.returncode == 143  # retriable for the Job (exit 2 alone fails it at once)
 
 
@@ -98,6 +101,6 @@ def test_killing_only_the_deepspeed_runner_leaves_no_rank_training(tmp_path):
     dead_server = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     proc = deepspeed([*ARGS, f"run.dir={run}", "tracking.enabled=true", "tracking.flush_timeout_s=2"], tmp_path,
                       dead_server)  # python -m deepspeed.launcher.runner ...
-    _preempt_and_resume(tmp_path, run, proc, proc.pid, None)
+    _preempt(tmp_path, run, proc, proc.pid, "the deepspeed runner exited", None)
     spool = run / "tracking" / "pending.jsonl"
     assert spool.is_file() and spool.read_text().strip(), "telemetry of the preempted run was lost"

@@ -66,7 +66,10 @@ def test_resume_skips_corrupt_checkpoints_and_refuses_when_none_verifies(tmp_pat
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     a = _start(tmp_path, run_a, "loop.total_nimg=64")
     b = _start(tmp_path, run_b, "loop.total_nimg=64", "run.stop_after_nimg=48")  # same schedule, stopped early
-    _finish(a), _finish(b)
+    try:
+        _finish(a)
+    finally:
+        _finish(b)
     ckpts = run_b / "checkpoints"
     (ckpts / "latest").write_text("garbage\n")  # a clobbered marker
     newest = ckpts / "nimg-000000000048" / "mp_rank_00_model_states.pt"
@@ -154,3 +157,5 @@ def test_a_pickle_payload_in_any_file_a_resume_reads_is_refused(tmp_path, zero_s
         assert not marker.exists(), f"unpickling {victim.name} ran the planted code"
         victim.write_bytes(original)
         write_manifest(ckpt)
+    # the control: the same files, untouched, resume (the refusals were the payloads', not the loaders')
+    assert "resuming from" in _train(tmp_path, run, "loop.total_nimg=32", f"engine.zero_stage={zero_stage}").stderr

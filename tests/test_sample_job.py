@@ -2,8 +2,9 @@
 
 The same command on one rank (plain `python`, PNGs) and on two (`deepspeed --num_gpus 2`, CPU/gloo, the npz) writes
 the same images: byte-identical grids, and a `samples.npz` (one file, arr_0 uint8 NHWC in index order, as the
-guided-diffusion FID evaluator reads it) equal to the PNGs. The reference for the images is the documented scheme computed here by hand: block b of the indices,
-drawn by `model.sample` with a generator seeded by numpy's SeedSequence([seed, b]).
+guided-diffusion FID evaluator reads it) equal to the PNGs. The reference for the images is the documented scheme
+computed here by hand: block b of the indices, drawn by `model.sample` with a generator seeded by numpy's
+SeedSequence([seed, b]).
 
 The model is a tiny VAEBM (NVAE backbone + energy network, Langevin test-time chains) published as a model directory
 with seeded random weights: what is checked is the sampling job, which any weights exercise the same way.
@@ -116,9 +117,9 @@ def test_images_are_the_documented_blocks(runs, model_dir):
     assert len({_png(out / f"{i:06d}.png").tobytes() for i in range(N)}) == N  # no two chains drew the same noise
 
 
-def test_one_and_two_ranks_write_identical_files(runs):
-    """One rank writing PNGs and two ranks writing the npz: the same images (test below), the same grid and chain
-    strip byte for byte, each run saying what it wrote on how many ranks."""
+def test_one_and_two_ranks_write_the_same_grid_and_chain_strip(runs):
+    """One rank writing PNGs and two ranks writing the npz: the grid and chain strip are byte-identical (the images
+    themselves: the npz test below), each run saying what it wrote on how many ranks."""
     one, text1 = runs[1, "png"]
     two, text2 = runs[2, "npz"]
     assert sorted(p.name for p in one.glob("0*.png")) == [f"{i:06d}.png" for i in range(N)]

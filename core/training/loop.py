@@ -177,7 +177,7 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, p
             finite, stopping = train_step(method, engine, batches, seed, info, state.step, state.cur_nimg, reporter,
                                           stop, images_per_pass=plan.micro * info.world_size)
             if stopping is not None and preempted is None:
-                preempted = stopping  # the reason the rank that was asked saw, the same on every rank
+                preempted = stopping  # a reason some rank saw (StopRequest.agreed), the same on every rank
             if finite:
                 state.nonfinite_in_row = 0
             else:

@@ -22,7 +22,8 @@ class StopRequest:
     """This rank's reason to stop early, if any (installed for the job's life; the previous handlers come back).
 
     The reason is one of `REASONS`, so ranks can agree on it with one sum of one-hot votes (`vote`, `agreed`): every
-    rank then reports the reason of the rank that saw it, not that some other rank was asked to stop.
+    rank then reports a reason some rank actually saw (the first in `REASONS` order when ranks saw different ones),
+    not merely that another rank was asked to stop.
     """
 
     REASONS = ("SIGTERM", "SIGINT", "the deepspeed runner exited")
@@ -53,11 +54,15 @@ class StopRequest:
     def vote(self) -> list[float]:
         """This rank's one-hot vote over `REASONS` (all zeros: no reason to stop)."""
         self.requested()
-        return [1.0 if self.reason == r else 0.0 for r in self.REASONS]
+        reason = self.reason  # read once: a signal may arrive while the vote is built
+        if reason is not None and reason not in self.REASONS:
+            raise ValueError(f"stop reason {reason!r} is not one of {self.REASONS}")
+        return [1.0 if reason == r else 0.0 for r in self.REASONS]
 
     @classmethod
     def agreed(cls, votes: list[float]) -> str | None:
-        """The reason all ranks stop for, from the sum of their votes: the first reason any rank saw, else None."""
+        """The reason all ranks stop for, from the sum of their votes: of the reasons any rank saw, the first in
+        `REASONS` order; None when no rank was asked."""
         return next((r for r, n in zip(cls.REASONS, votes) if n > 0), None)
 
 

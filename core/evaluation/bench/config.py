@@ -56,7 +56,7 @@ class BenchConfig:
     """Options of launchers/bench.py (key=value); None fields take the preset's value."""
 
     suite: str = "all"  # stage1 | langevin | sample | data | all
-    preset: str = "tiny"  # shapes: conf/bench_preset/<name>.yaml (tiny | cifar10 | celeba64 | lsun_church64 | celebahq256)
+    preset: str = "tiny"  # the shapes measured: conf/bench_preset/<name>.yaml
     nvae_preset: str | None = None  # conf/nvae/<name>.yaml instead of the preset's
     energy_preset: str | None = None  # conf/energy/<name>.yaml instead of the preset's
     energy_channels: int | None = None  # energy base width instead of the preset's
