@@ -239,7 +239,8 @@ def read_model_with_source(reference: str, tracking_uri: str | None = None, reso
 @contextlib.contextmanager
 def stage_lifecycle(tracker, loaders: list) -> Iterator[None]:
     """Around a stage's training loop, on every rank: an exception (a crash, divergence) ends the MLflow runs as FAILED
-    (a graceful preemption as KILLED) and re-raises; either way the tracker (its background logger) and the data loaders (their workers; the
+    (a graceful preemption as KILLED, after which the ranks wait for each other's tracker to close) and re-raises;
+    either way the tracker (its background logger) and the data loaders (their workers; the
     list may grow inside the body) are closed. The body ends the runs as FINISHED itself once the stage is complete
     (a time-sliced invocation that stops early leaves them open for the next one)."""
     from core.training.preemption import Preempted
@@ -248,6 +249,10 @@ def stage_lifecycle(tracker, loaders: list) -> Iterator[None]:
         yield
     except Preempted:
         tracker.end("KILLED")  # preempted after its checkpoint: the next invocation continues these runs
+        # Rank 0 flushes (or spools to disk) its telemetry before any rank exits: DeepSpeed's launcher kills the
+        # other ranks as soon as one exits non-zero, and a rank that finished first would cut rank 0's close short.
+        tracker.close()
+        vdist.barrier()
         raise
     except BaseException:
         tracker.end("FAILED")
