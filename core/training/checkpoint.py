@@ -240,9 +240,9 @@ def read_model_with_source(reference: str, tracking_uri: str | None = None, reso
 def stage_lifecycle(tracker, loaders: list) -> Iterator[None]:
     """Around a stage's training loop, on every rank: an exception (a crash, divergence) ends the MLflow runs as FAILED
     (a graceful preemption as KILLED, after which the ranks wait for each other's tracker to close) and re-raises;
-    either way the tracker (its background logger) and the data loaders (their workers; the
-    list may grow inside the body) are closed. The body ends the runs as FINISHED itself once the stage is complete
-    (a time-sliced invocation that stops early leaves them open for the next one)."""
+    either way the tracker (its background logger) and the data loaders (their workers; the list may grow inside the
+    body) are closed. The body ends the runs as FINISHED itself once the stage is complete (a time-sliced invocation
+    that stops early leaves them open for the next one)."""
     from core.training.preemption import Preempted
 
     try:

@@ -26,7 +26,8 @@ class StopRequest:
     not merely that another rank was asked to stop.
     """
 
-    REASONS = ("SIGTERM", "SIGINT", "the deepspeed runner exited")
+    RUNNER_EXITED = "the deepspeed runner exited"
+    REASONS = ("SIGTERM", "SIGINT", RUNNER_EXITED)
 
     def __init__(self):
         self.reason: str | None = None
@@ -48,7 +49,7 @@ class StopRequest:
 
     def requested(self) -> bool:
         if self.reason is None and self._runner is not None and not _alive(self._runner):
-            self.reason = self.REASONS[2]
+            self.reason = self.RUNNER_EXITED
         return self.reason is not None
 
     def vote(self) -> list[float]:
