@@ -1,6 +1,7 @@
-"""metric=ll2d on a SHORT 2-D protocol (< 60 s on 2 cores): table format, the analytic `true` row, grid log Z vs
-Monte Carlo, the marginal-mixture estimator vs a direct sum and vs IWAE, the per-layer energy init, and the
-negative phase's mean energy vs the exact E_h[E] (the protocol's and the image method's SIR option)."""
+"""metric=ll2d on a SHORT 2-D protocol (both stages on the training job, < 60 s on 2 cores): table format, the
+analytic `true` row, grid log Z vs Monte Carlo, the marginal-mixture estimator vs a direct sum and vs IWAE, the
+job's validation model selection (published weights, resume), the preset's per-layer energy init, and the VAEBM
+method's negative phase (SIR starts) against the exact E_h[E]."""
 import math
 import subprocess
 import sys
@@ -11,22 +12,26 @@ import pytest
 import torch
 
 from core.evaluation.density2d import Grid2D, vaebm_log_likelihood
-from core.evaluation.toy2d import (NegativePhase, Toy2DProtocol, ValidationScorer, decoder_components,
-                                   energy_config, format_ll2d_table, gaussians25_split, mixture_log_density,
-                                   run_ll2d, train_energy, train_vae)
+from core.evaluation.toy2d import (Toy2DProtocol, ValidationScorer, build_context, decoder_components,
+                                   format_ll2d_table, gaussians25_split, mixture_log_density, plan_stages, run_ll2d,
+                                   train_vaebm)
 from core.methods.base import MethodContext
 from core.methods.vaebm import VAEBMConfig, VAEBMMethod
 from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init
 from core.sampling.langevin import LangevinConfig
+from core.training.config import compose_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUE_LL = -1.4516  # E_p[log p] of the sigma=0.1 25-Gaussians mixture (the paper's -1.10 is inconsistent with it)
 
-# a 150-step VAE is still broad (sigma_x ~ 3): wide grid; 3000 test points give the `true` row a ~0.02 std error
-SHORT = dict(train_points=3000, test_points=3000, vae_steps=150, vae_batch=256, ebm_steps=15, ebm_batch=32,
-             langevin_steps=3, marginal_samples=4000, iwae_samples=200, iwae_points=10, grid_n=120,
-             grid_half_width=16.0, mc_samples=20000, val_points=1000, eval_every=5, val_marginal_samples=4000,
-             val_grid_n=60)
+# A 150-step VAE is still broad (sigma_x ~ 3): wide grid; 3000 test points give the `true` row a ~0.02 std error.
+# The energy: 15 steps of 32 points with 3 Langevin steps, scored for selection every 5 steps (160 points).
+VAE_SHORT = ["loop.total_nimg=38400", "loop.global_batch=256", "loop.batch_size=256"]
+VAEBM_SHORT = ["loop.total_nimg=480", "loop.global_batch=32", "loop.batch_size=32", "loop.report_every_nimg=160",
+               "loop.checkpoint_every_nimg=160", "sampler.langevin.num_steps=3"]
+SHORT = dict(train_points=3000, test_points=3000, vae_overrides=VAE_SHORT, vaebm_overrides=VAEBM_SHORT,
+             marginal_samples=4000, iwae_samples=200, iwae_points=10, grid_n=120, grid_half_width=16.0,
+             mc_samples=20000, val_points=1000, select_every_nimg=160, val_marginal_samples=4000, val_grid_n=60)
 
 
 @pytest.fixture(scope="module")
@@ -52,23 +57,59 @@ def test_table_true_row_and_log_partition(short_result):
     # the grid holds the VAE's mass (coverage check reported in the table)
     assert abs(result.extra["log_vae_mass_on_grid"]) < 0.01
     assert "grid coverage" in table
-    # the kept energy is the validation-selected checkpoint, and the table says which
-    assert f"energy checkpoint: step {result.extra['val_best_step']}" in table
-    assert 0 < result.extra["val_best_step"] <= SHORT["ebm_steps"]
+    # the kept energy is the validation-selected one, and the table says which
+    assert f"energy checkpoint: nimg {result.extra['val_best_nimg']}" in table
+    assert [h[0] for h in info["val_history"]] == [160, 320, 480]
+    assert result.extra["val_best_log_likelihood"] == max(h[1] for h in info["val_history"])
     # the shared-prior marginal estimator of log p_vae agrees with IWAE on the cross-check points
     c = result.iwae_check
     assert abs(c["iwae"] - c["marginal"]) < 0.05
     assert all(math.isfinite(v) for v in r.values())
 
 
-def test_models_are_reused_from_the_cache(short_result):
-    (first, _), cache = short_result
-    again, info = run_ll2d(Toy2DProtocol(**SHORT), "gaussians25", cache)
-    assert info["models"].startswith("reused")
-    assert again.rows["vaebm"] == pytest.approx(first.rows["vaebm"], abs=1e-9)
-    # the reused models carry the validation selection they were kept by
-    assert again.extra["val_best_step"] == first.extra["val_best_step"]
-    assert f"energy checkpoint: step {first.extra['val_best_step']}" in format_ll2d_table(again)
+def test_finished_runs_are_reused_and_the_published_energy_is_the_selected_one(short_result):
+    (first, info), cache = short_result
+    runs = Path(info["runs"])
+    weights = runs / "vaebm" / "model" / "weights.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    again, info2 = run_ll2d(Toy2DProtocol(**SHORT), "gaussians25", cache)
+    assert weights.stat().st_mtime_ns == stamp  # the finished jobs did nothing
+    assert info2["runs"] == info["runs"] and again.rows == first.rows
+    assert again.extra["val_best_nimg"] == first.extra["val_best_nimg"]
+    # the published energy scores exactly the best validation score (a fresh scorer: an independent recomputation)
+    proto = Toy2DProtocol(**SHORT)
+    ctx_vae = build_context(proto, "gaussians25", cache).vae
+    _, val, _ = gaussians25_split(proto)
+    from core.methods import build_model
+    from core.training.checkpoint import read_model
+
+    energy = build_model(*read_model(str(runs / "vaebm"), None), torch.device("cpu")).energy_net
+    assert ValidationScorer(ctx_vae, val, proto).score(energy) == pytest.approx(
+        first.extra["val_best_log_likelihood"], abs=1e-9)
+
+
+def test_a_resumed_energy_run_selects_exactly_as_an_uninterrupted_one(short_result, tmp_path):
+    """Stage 2 stopped after 240 of 480 points (a checkpoint at 160 holds the selection state, 240 is written at the
+    stop) and resumed: the same scores, the same chosen weights as the uninterrupted run of `short_result`."""
+    (first, info), cache = short_result
+    proto = Toy2DProtocol(**SHORT)
+    train, val, _ = gaussians25_split(proto)
+    vae = build_context(proto, "gaussians25", cache).vae
+    stages = plan_stages(proto, train, val, Path(cache), "ll2d-gaussians25")  # the finished stage 1 of short_result
+    stages.vaebm[0].run.dir = str(tmp_path / "vaebm")
+    stages.vaebm[0].run.stop_after_nimg = 256
+    with pytest.raises(FileNotFoundError, match="selection.json"):  # a time slice publishes nothing
+        train_vaebm(stages, vae, val, proto)
+    assert not (tmp_path / "vaebm" / "model").exists()  # stopped before the end
+    stages.vaebm[0].run.stop_after_nimg = None
+    energy, summary = train_vaebm(stages, vae, val, proto)
+    assert summary["val_history"] == info["val_history"]
+    assert summary["val_best_nimg"] == first.extra["val_best_nimg"]
+    from core.methods import build_model
+    from core.training.checkpoint import read_model
+
+    ref = build_model(*read_model(str(Path(info["runs"]) / "vaebm"), None), torch.device("cpu")).energy_net
+    assert all(torch.equal(a, b) for a, b in zip(energy.state_dict().values(), ref.state_dict().values()))
 
 
 def test_mixture_log_density_matches_a_direct_sum():
@@ -82,9 +123,9 @@ def test_mixture_log_density_matches_a_direct_sum():
 
 
 def test_per_layer_energy_init_sets_each_layer_std():
-    cfg = energy_config(Toy2DProtocol(energy_hidden=64))
-    assert cfg.init_scales == [8.0, 1.0, 1.0, 0.2]  # energy_first_scale, 1 inside, VAEBM's 0.2 at the head
-    assert energy_config(Toy2DProtocol(energy_first_scale=0.0)).init_scales is None  # 0.2 for all (init_scale)
+    config, _, _ = compose_job(["method=vaebm", "experiment=ll2d", "energy.hidden=64"])
+    cfg = config.energy
+    assert cfg.init_scales == [8.0, 1.0, 1.0, 0.2]  # a wide first layer, 1 inside, VAEBM's 0.2 at the head
     net = EnergyNet(cfg)
     x = torch.randn(2048, 2) * 3
     data_dependent_init(net, x, init_scale=cfg.init_scale)
@@ -99,7 +140,8 @@ def test_npy_points_have_no_true_row(tmp_path):
     rng = np.random.default_rng(0)
     pts = np.concatenate([rng.normal(-1, 0.3, (1500, 2)), rng.normal(1, 0.3, (1500, 2))]).astype(np.float32)
     np.save(tmp_path / "pts.npy", pts)
-    proto = Toy2DProtocol(**{**SHORT, "vae_steps": 20, "ebm_steps": 2, "grid_n": 60, "mc_samples": 2000})
+    proto = Toy2DProtocol(**{**SHORT, "vae_overrides": ["loop.total_nimg=5120"], "grid_n": 60, "mc_samples": 2000,
+                             "vaebm_overrides": [*VAEBM_SHORT, "loop.total_nimg=64"]})
     result, _ = run_ll2d(proto, str(tmp_path / "pts.npy"), None)
     assert list(result.rows) == ["vae", "vaebm"] and result.gap_closed is None
     assert "gap_closed" not in format_ll2d_table(result)
@@ -107,19 +149,19 @@ def test_npy_points_have_no_true_row(tmp_path):
 
 def test_launcher_dry_run_and_bad_dataset():
     ok = subprocess.run([sys.executable, str(ROOT / "launchers/evaluate.py"), "metric=ll2d", "dataset=gaussians25",
-                         "ll2d.vae_steps=5", "dry_run=true"], capture_output=True, text=True, timeout=120)
+                         "ll2d.select_every_nimg=640", "dry_run=true"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
-    assert "vae_steps: 5" in ok.stdout and "dataset_ref: gaussians25" in ok.stdout
+    assert "select_every_nimg: 640" in ok.stdout and "dataset_ref: gaussians25" in ok.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "launchers/evaluate.py"), "metric=ll2d", "dataset=nope.txt"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "metric=ll2d needs dataset=gaussians25" in bad.stderr
 
 
 @pytest.fixture(scope="module")
-def tiny_vae_and_split():
-    proto = Toy2DProtocol(**{**SHORT, "vae_steps": 60})
-    train, val, test = gaussians25_split(proto)
-    return proto, train_vae(train, proto), train, val, test
+def tiny_vae_and_split(tmp_path_factory):
+    proto = Toy2DProtocol(**{**SHORT, "vae_overrides": ["loop.total_nimg=30720"]})
+    ctx = build_context(proto, "gaussians25", tmp_path_factory.mktemp("ll2d-tiny"))
+    return proto, ctx.vae, ctx.train, ctx.val, ctx.test
 
 
 def test_split_streams_are_independent_and_reproducible(tiny_vae_and_split):
@@ -147,18 +189,6 @@ def test_validation_score_equals_the_density2d_likelihood(tiny_vae_and_split):
     assert scorer.score(energy) == pytest.approx(float(reference.mean()), abs=1e-5)
 
 
-def test_energy_training_returns_the_best_validated_weights(tiny_vae_and_split):
-    proto, vae, train, val, _ = tiny_vae_and_split
-    proto = Toy2DProtocol(**{**SHORT, "ebm_steps": 30, "eval_every": 5, "ebm_lr": 3e-3, "init_candidates": 4})
-    scorer = ValidationScorer(vae, val, proto)
-    energy = train_energy(vae, train, proto, scorer)
-    steps = [s for s, _ in scorer.best.history]
-    assert steps == [5, 10, 15, 20, 25, 30]
-    assert scorer.best.score == max(v for _, v in scorer.best.history)
-    assert scorer.best.step in steps
-    assert scorer.score(energy) == pytest.approx(scorer.best.score, abs=1e-9)
-
-
 class _PeriodicWells(torch.nn.Module):
     """E(x) = k (sin^2(pi x1 / 2) + sin^2(pi x2 / 2)): wells at the even-integer grid, the 25 centres among them."""
 
@@ -171,49 +201,28 @@ class _PeriodicWells(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def trained_vae():
-    proto = Toy2DProtocol(**{**SHORT, "vae_steps": 600})
-    train, _, _ = gaussians25_split(proto)
-    return train_vae(train, proto)
+def trained_vae(tmp_path_factory):
+    proto = Toy2DProtocol(**{**SHORT, "vae_overrides": ["loop.total_nimg=153600", "loop.global_batch=256",
+                                                          "loop.batch_size=256"]})
+    return build_context(proto, "gaussians25", tmp_path_factory.mktemp("ll2d-vae")).vae
 
 
-@pytest.mark.parametrize("overrides,matches", [
-    ({}, True),  # the default negative phase: pooled SIR + one small Langevin step
-    ({"init_candidates": 1}, False),  # plain N(0, I) starts with one step: the VAE's energy, not h's
-    ({"step_size": 5e-2}, False),  # a large eps-space step throws the SIR draws out of the wells
+@pytest.mark.parametrize("candidates,step_size,matches", [
+    (16, 1e-4, True),  # the protocol's negative phase: pooled SIR + one small Langevin step
+    (1, 1e-4, False),  # plain N(0, I) starts with one step: the VAE's energy, not h's
+    (16, 5e-2, False),  # a large eps-space step throws the SIR draws out of the wells
 ])
-def test_negative_phase_follows_the_vaebm_density(trained_vae, overrides, matches):
-    """The negatives' mean energy vs E_h[E] by quadrature with the marginal-mixture p_vae (an independent path):
-    the default sampler must match it, and the two broken samplers must not (the test can tell them apart)."""
-    proto = Toy2DProtocol(**{**SHORT, "grid_half_width": 8.0, "val_grid_n": 320, "val_marginal_samples": 20000,
-                             **overrides})
-    energy = _PeriodicWells(k=4.0)
-    _, val, _ = gaussians25_split(proto)
-    scorer = ValidationScorer(trained_vae, val, proto)
-    scorer.score(energy)
-    exact = scorer.exact_mean_energy
-    negatives = NegativePhase(trained_vae, energy, proto, torch.Generator().manual_seed(3), num_chains=2048)
-    drawn = torch.cat([energy(negatives.draw()).reshape(-1) for _ in range(4)]).double()
-    gap = abs(float(drawn.mean()) - exact)
-    se = float(drawn.std()) / math.sqrt(len(drawn) * negatives.ess_fraction)
-    print(f"{overrides}: E_neg {float(drawn.mean()):.4f} E_h[E] {exact:.4f} gap {gap:.4f} se {se:.4f}")
-    if matches:
-        assert gap < 0.05 + 4 * se
-    else:
-        assert gap > 0.2
-
-
-@pytest.mark.parametrize("candidates,matches", [(16, True), (1, False)])
-def test_the_image_methods_sir_option_follows_the_vaebm_density(trained_vae, candidates, matches):
-    """The image method's negative phase (VAEBMMethod.negatives) with `sampler.init_candidates` on the 2-D VAE: the
-    same check as above against E_h[E] by quadrature. K = 16 (pooled SIR) must match, N(0, I) starts must not."""
+def test_the_methods_negative_phase_follows_the_vaebm_density(trained_vae, candidates, step_size, matches):
+    """VAEBMMethod.negatives on the 2-D VAE against E_h[E] by quadrature with the marginal-mixture p_vae (an
+    independent path): the protocol's sampler must match it, and the two broken samplers must not (the test can
+    tell them apart)."""
     proto = Toy2DProtocol(**{**SHORT, "grid_half_width": 8.0, "val_grid_n": 320, "val_marginal_samples": 20000})
     energy = _PeriodicWells(k=4.0)
     _, val, _ = gaussians25_split(proto)
     scorer = ValidationScorer(trained_vae, val, proto)
     scorer.score(energy)
     cfg = VAEBMConfig(energy=EnergyNetConfig(arch="mlp", data_dim=2, hidden=16, num_layers=2))
-    cfg.sampler.langevin = LangevinConfig(num_steps=1, step_size=1e-4)
+    cfg.sampler.langevin = LangevinConfig(num_steps=1, step_size=step_size)
     cfg.sampler.init_candidates = candidates
     cfg.validate(None)
     ctx = MethodContext(device=torch.device("cpu"), seed=3, rank=0, total_nimg=1, sample_count=4)
@@ -226,9 +235,10 @@ def test_the_image_methods_sir_option_follows_the_vaebm_density(trained_vae, can
     drawn = torch.cat(drawn).double()
     gap = abs(float(drawn.mean()) - scorer.exact_mean_energy)
     se = float(drawn.std()) / math.sqrt(len(drawn))
-    print(f"K={candidates}: E_neg {float(drawn.mean()):.4f} E_h[E] {scorer.exact_mean_energy:.4f} gap {gap:.4f}")
+    print(f"K={candidates} eta={step_size}: E_neg {float(drawn.mean()):.4f} E_h[E] {scorer.exact_mean_energy:.4f} "
+          f"gap {gap:.4f}")
     if matches:
-        # pooled draws repeat: allow the same margin as the 2-D negative phase above (ESS not exposed here)
+        # pooled draws repeat (the effective sample size is below the chain count): a wider margin than iid draws
         assert gap < 0.05 + 8 * se
     else:
         assert gap > 0.2

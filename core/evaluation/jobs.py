@@ -469,7 +469,8 @@ def run_ll2d_metric(config: EvaluateConfig) -> tuple[list[dict], dict[str, float
     from core.evaluation.toy2d import format_ll2d_table, run_ll2d
 
     cache = config.ll2d_cache_dir or str(config.out_dir() / "ll2d-cache")
-    result, info = run_ll2d(config.ll2d, config.dataset_ref, cache)
+    # both stages train on the job, as one MLflow pipeline run `ll2d` beside this evaluation's run
+    result, info = run_ll2d(config.ll2d, config.dataset_ref, cache, tracking=config.tracking)
     rows = [{"model": k, "test_log_likelihood_nats": round(v, 4)} for k, v in result.rows.items()]
     extra = {"log_z_grid": result.log_z_grid, "log_z_mc": result.log_z_mc, "log_z_mc_stderr": result.log_z_mc_stderr,
              "iwae_check": result.iwae_check, "gap_closed": result.gap_closed, "true_std_error": result.true_std_error,
@@ -501,7 +502,10 @@ def evaluate(config: EvaluateConfig, resolved: dict[str, Any]) -> dict[str, Any]
     extra: dict[str, Any] = {}
     text = None
     if config.metric == "ll2d":
-        rows, metrics, text, extra = (run_ll2d_metric(config) if info.is_rank0 else ([], {}, "", {}))
+        if info.world_size > 1:  # its two training jobs form a world of one
+            raise ValueError("metric=ll2d runs on one process: start it with `python launchers/evaluate.py`, "
+                             "not with the deepspeed launcher")
+        rows, metrics, text, extra = run_ll2d_metric(config)
         model = None
     else:
         model = load_model(config.model, info.device, uri)

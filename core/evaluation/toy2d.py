@@ -1,17 +1,15 @@
 """The reproducible 2-D likelihood protocol of vaebm.md Sec. 5.4 (25-Gaussians), end to end on one process.
 
 Data: equal-weight mixture of N(c, 0.1^2 I) over c in {-4,-2,0,2,4}^2; 50k training and 100k test points drawn
-with a fixed seed. Models: the papers' MLP VAE (20-d latent, 4 FC layers of 256, `MLPVAEConfig()`) trained by the
-ELBO, then a VAEBM whose MLP energy (4 FC layers of 256) is trained with the contrastive-divergence loss
-(core.objectives.ebm, vaebm.md Eq. 7) and ClippedAdam (App. E) on negatives drawn by importance resampling of VAE
-samples followed by eps-space Langevin on the exact target (vaebm.md Eq. 9), through the same two functions as the
-image method's negative phase (core.methods.vaebm: `sir_chain_start`, `langevin_negatives`). The energy checkpoint
-kept is the one with the best log-likelihood on a held-out validation split (10k draws independent of train and
-test): EBM training has no converged end point, and the test points must not choose it.
-
-Why not the DeepSpeed training job: the models are tiny (a few 100k parameters), a single CPU process trains them in
-minutes, and the protocol needs exact control of the data split and of the likelihood evaluation, which the image
-pipeline (shards, ranks, image-seen schedules) would only obscure.
+with a fixed seed. Models, trained on the one training job (core/training/job.py, a world of one process) from the
+training split written as point shards: stage 1 is method `nvae` with the papers' MLP VAE (20-d latent, 4 FC layers
+of 256; conf/experiment/nvae/ll2d.yaml) trained by the ELBO; stage 2 is method `vaebm` on it (conf/experiment/vaebm/
+ll2d.yaml): an MLP energy (4 FC layers of 256) trained with the contrastive-divergence loss (vaebm.md Eq. 7) and
+ClippedAdam (App. E) on negatives from VAEBM's negative phase with SIR chain starts (VAE draws resampled by exp(-E))
+and eps-space Langevin on the exact target (Eq. 9). Stage 2 publishes the energy weights with the best
+log-likelihood on a held-out validation split (10k draws independent of train and test; the job's model selection,
+scored by `ValidationScorer`): EBM training has no converged end point, and the test points must not choose it. The
+runs live under the cache directory keyed by data and settings, so a rerun reuses or resumes them.
 
 Likelihoods (nats, averaged over the test points):
 - `true`: the analytic mixture density. With sigma = 0.1 the expected value is -H(p) = -1.4516 nats; the paper's
@@ -32,6 +30,8 @@ import hashlib
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,19 +46,15 @@ from core.evaluation.iwae import iwae_log_likelihood
 from core.evaluation.ll2d_grbm_vae import GRBMVAERowConfig, ll2d_row as grbm_vae_row
 from core.evaluation.ll2d_latent_ebm import LatentEBMRowConfig, ll2d_row as latent_ebm_row
 from core.evaluation.ll2d_ncp_vae import NCPVAERowConfig, ll2d_row as ncp_vae_row
-from core.evaluation.ll2d_seam import BestState, LL2DContext, LL2DRow
-from core.methods.vaebm import langevin_negatives, sir_chain_start
-from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init
-from core.models.mlp_vae import MLPVAE, MLPVAEConfig
-from core.objectives.elbo import ELBOConfig, nelbo_loss
-from core.objectives.ebm import energy_magnitude_penalty, vaebm_loss
-from core.optim.clipped_adam import ClippedAdam
-from core.sampling.langevin import LangevinConfig
-from core.sampling.resampled_init import SCHEMES as RESAMPLING_SCHEMES
+from core.evaluation.ll2d_seam import LL2DContext, LL2DRow
+from core.models.energy import EnergyNet
+from core.models.mlp_vae import MLPVAE
+from core.tracking import TrackingConfig
 
 log = logging.getLogger("vaebm.evaluation.toy2d")
 
 TRUE_GAUSSIANS25_LL = gaussians25_expected_log_likelihood()  # -1.4516 nats (sigma = 0.1)
+GAUSSIANS25_NAMES = ("gaussians25", "25gaussians", "toy2d")  # dataset names of the analytic 25-Gaussians split
 
 # Further rows: name -> ll2d_row(ctx, config) of core/evaluation/ll2d_<name>.py; Toy2DProtocol has a field of that
 # name holding the row's typed settings.
@@ -68,34 +64,19 @@ LL2D_ROWS: dict[str, Callable[[LL2DContext, Any], LL2DRow]] = {
 
 @dataclass
 class Toy2DProtocol:
-    seed: int = 0  # data split, initialization, Langevin noise and estimators all derive from it
+    seed: int = 0  # data split, both stages' run.seed (initialization, data order, Langevin noise) and the estimators
     train_points: int = 50_000  # training points (vaebm.md Sec. 5.4 / ncpvae App. J: 50k)
     test_points: int = 100_000  # test points (vaebm.md Sec. 5.4: 100k)
-    # VAE (stage 1): Adam on the negative ELBO
-    vae_steps: int = 6_000  # optimizer steps
-    vae_batch: int = 512  # points per step
-    vae_lr: float = 1e-3  # Adam learning rate (cosine-decayed to 1% over vae_steps)
-    vae_kl_warmup: float = 0.3  # fraction of vae_steps over which the KL weight rises linearly from 0 to 1
-    # VAEBM (stage 2): CD loss, eps-space Langevin on the exact target, ClippedAdam
-    energy_hidden: int = 256  # width of the energy MLP (vaebm.md Sec. 5.4: 256)
-    energy_layers: int = 3  # hidden layers of the energy MLP (+ the output layer = 4 FC layers, Sec. 5.4)
-    ebm_steps: int = 4000  # optimizer steps (the validation-selected checkpoint is kept; see docs/benchmarks.md)
-    ebm_batch: int = 256  # data points and Langevin chains per step
-    ebm_lr: float = 1e-3  # ClippedAdam learning rate
-    ebm_beta1: float = 0.9  # ClippedAdam beta1 (beta2 is 0.999)
-    alpha_s: float = 0.0  # spectral regularization coefficient (0: the 2-D MLP needs none)
-    energy_reg: float = 0.1  # weight of the energy-magnitude penalty mean(E(x+)^2) + mean(E(x-)^2) at step 0
-    energy_reg_final: float = 0.0  # the penalty weight decays linearly to this at the last step (< 0: constant)
-    energy_first_scale: float = 8.0  # init std of the first energy layer's pre-activations (0: VAEBM's 0.2 for all)
-    chain_bound: float = 20.0  # chains with |x| beyond this (data: |x| < 4.5) are restarted from N(0, I)
-    langevin_steps: int = 1  # Langevin updates per training step, after the SIR draw (which does the mixing)
-    step_size: float = 1e-4  # Langevin eta in eps-space (1e-2: one step moves x by ~0.8 and undoes the SIR draw)
-    persistent: float = 0.0  # probability a chain continues from the buffer of the last chains (0: fresh draws)
-    init_candidates: int = 16  # chains start at VAE draws resampled by exp(-E) from K per chain (SIR); 1: N(0, I)
-    init_resampling: str = "pooled"  # SIR scheme (core.sampling.resampled_init): "pooled" or "per_chain"
-    # model selection: the energy checkpoint with the best held-out validation log-likelihood is kept (never test)
+    # The two stages run on the training job (core/training/job.py) with the methods' presets; every training
+    # hyperparameter lives there: conf/experiment/nvae/<vae_experiment>.yaml (the MLP VAE, ELBO) and
+    # conf/experiment/vaebm/<vaebm_experiment>.yaml (the energy: CD loss, SIR chain starts, eps-space Langevin).
+    vae_experiment: str = "ll2d"  # stage-1 preset of method nvae
+    vaebm_experiment: str = "ll2d"  # stage-2 preset of method vaebm
+    vae_overrides: list[str] = field(default_factory=list)  # extra key=value overrides of stage 1 (e.g. loop.total_nimg)
+    vaebm_overrides: list[str] = field(default_factory=list)  # extra key=value overrides of stage 2
+    # model selection: the energy weights with the best held-out validation log-likelihood are published (never test)
     val_points: int = 10_000  # validation draws, independent of train and test (gaussians25: stream 3*seed+2)
-    eval_every: int = 50  # energy steps between validation scores (each costs ~0.1 s: p_vae is precomputed)
+    select_every_nimg: int = 12_800  # training points (images) between validation scores (50 steps of 256)
     val_marginal_samples: int = 30_000  # M of the marginal-mixture log p_vae used for validation
     val_grid_n: int = 150  # grid cells per axis of the validation log Z (over the same box as the test grid)
     # evaluation
@@ -113,34 +94,17 @@ class Toy2DProtocol:
     grbm_vae: GRBMVAERowConfig = field(default_factory=GRBMVAERowConfig)  # row `grbm_vae` (ll2d_grbm_vae.py)
 
     def validate(self) -> None:
-        may_be_zero = ("alpha_s", "seed", "energy_reg", "energy_first_scale", "persistent", "ebm_beta1")
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.name in ("energy_reg_final", "init_resampling") or not isinstance(v, (int, float)):
-                continue
-            if v < 0 or (v == 0 and f.name not in may_be_zero):
-                raise ValueError(f"ll2d protocol: {f.name} must be {'>= 0' if f.name in may_be_zero else '> 0'}, "
-                                 f"got {v}")
-        if not 0.0 <= self.persistent < 1.0:
-            raise ValueError("ll2d protocol: persistent must be in [0, 1)")
-        if not 0.0 <= self.ebm_beta1 < 1.0:
-            raise ValueError("ll2d protocol: ebm_beta1 must be in [0, 1)")
-        if self.init_resampling not in RESAMPLING_SCHEMES:
-            raise ValueError(f"ll2d protocol: init_resampling must be one of {RESAMPLING_SCHEMES}, "
-                             f"got {self.init_resampling!r}")
+        for name in ("train_points", "test_points", "val_points", "select_every_nimg", "val_marginal_samples",
+                     "val_grid_n", "marginal_samples", "iwae_samples", "iwae_points", "grid_n", "mc_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ll2d protocol: {name} must be > 0, got {getattr(self, name)}")
+        if self.seed < 0 or self.grid_half_width <= 0:
+            raise ValueError("ll2d protocol: seed must be >= 0 and grid_half_width > 0")
         if self.iwae_points > self.test_points:
             raise ValueError("ll2d protocol: iwae_points must be <= test_points")
         unknown = [r for r in self.rows if r not in LL2D_ROWS]
         if unknown:
             raise ValueError(f"ll2d protocol: unknown rows {unknown}; choose from {sorted(LL2D_ROWS)}")
-
-    def training_key(self, data_digest: str) -> str:
-        """Cache key of the trained models: data + every training field (evaluation fields excluded)."""
-        train_fields = {k: v for k, v in dataclasses.asdict(self).items()
-                        if k not in ("marginal_samples", "iwae_samples", "iwae_points", "grid_n", "grid_half_width",
-                                     "mc_samples", "test_points", "rows", *LL2D_ROWS)}
-        blob = json.dumps({"data": data_digest, **train_fields}, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------------------- data
@@ -167,58 +131,122 @@ def digest_points(x: torch.Tensor) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- training
-def train_vae(train: torch.Tensor, protocol: Toy2DProtocol) -> MLPVAE:
-    """MLPVAEConfig() (20-d latent, 4 FC layers of 256) trained by maximizing the ELBO (vaebm.md Eq. 3)."""
-    torch.manual_seed(protocol.seed)
-    vae = MLPVAE(MLPVAEConfig())
-    opt = torch.optim.Adam(vae.parameters(), lr=protocol.vae_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, protocol.vae_steps, eta_min=protocol.vae_lr * 0.01)
-    gen = torch.Generator().manual_seed(protocol.seed + 101)
-    # The stage-1 objective (core.objectives.elbo, vaebm.md Eq. 3) with NVAE's KL warm-up: without it the decoder's
-    # sigma_x grows to cover the whole grid first and the posterior collapses (measured: sigma_x ~ 2.8, -ELBO 4.9
-    # after 1000 steps). `progress` is counted in warm-up lengths, so beta = min(1, (step + 1) / warm-up steps);
-    # one latent group needs no KL balancing, and the MLP has no spectral or BN regularizer.
-    objective = ELBOConfig(kl_anneal_portion=1.0, kl_const_portion=0.0, kl_min_coeff=0.0, kl_balance=False,
-                           norm_coeff=0.0)
-    warmup_steps = max(1, int(protocol.vae_kl_warmup * protocol.vae_steps))
-    no_penalty = torch.zeros(())
-    t0 = time.perf_counter()
-    for step in range(protocol.vae_steps):
-        x = train[torch.randint(len(train), (protocol.vae_batch,), generator=gen)]
-        tower = vae.posterior(x)
-        loss = nelbo_loss(tower, x, (step + 1) / warmup_steps, objective, None, no_penalty, no_penalty).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 1000 == 0 or step == protocol.vae_steps - 1:
-            log.info("vae step %d/%d  loss %.4f  (%.0f s)", step, protocol.vae_steps, loss.item(),
-                     time.perf_counter() - t0)
-    return vae.eval().requires_grad_(False)
+@dataclass
+class Stages:
+    """The protocol's two training jobs: typed configs, their resolved dicts and the run directories."""
+
+    data_dir: Path  # the training split as point shards (the jobs' dataset.path)
+    vae: tuple[Any, dict[str, Any]]  # stage 1 (method nvae): (JobConfig, resolved)
+    vaebm: tuple[Any, dict[str, Any]]  # stage 2 (method vaebm): (JobConfig, resolved)
+    vae_key: str  # hash of the data and stage 1's training settings (rows cache networks under it)
+    key: str  # hash of the data, both stages' training settings and the model selection settings
 
 
-def energy_config(protocol: Toy2DProtocol) -> EnergyNetConfig:
-    """The energy MLP, with one data-dependent-init output std per layer when `energy_first_scale` > 0:
-    `energy_first_scale` for the first layer, 1 for the other hidden layers and 0.2 for the head.
+def _settings_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    Why: the gains are log-parameterized, so Adam grows them by at most about a factor exp(lr * steps) (1.1x for
-    lr 1e-4 and 800 steps). With VAEBM's 0.2 at every layer the first layer's pre-activations vary by only 0.2 std
-    over the data's [-4, 4]^2 range: the whole MLP is nearly linear and cannot form wells of the data's 0.1 width
-    within the budget (measured: gap_closed stayed <= 0 in pilots of up to 800 steps, lr 1e-4 to 1e-3). A large
-    first-layer scale gives swish kinks every ~0.3 in x (random-feature-like), unit scale inside, and a 0.2 head
-    keeps E small at the start, so the VAEBM starts at the VAE."""
-    cfg = EnergyNetConfig(arch="mlp", data_dim=2, hidden=protocol.energy_hidden, num_layers=protocol.energy_layers)
-    if protocol.energy_first_scale > 0:
-        cfg.init_scales = [protocol.energy_first_scale] + [1.0] * (cfg.num_wn_layers() - 2) + [0.2]
-    cfg.validate()
-    return cfg
+
+def _training_settings(resolved: dict[str, Any]) -> dict[str, Any]:
+    """What a stage's model depends on: the resolved config without where it runs, reports and finds its data (the
+    data's digest is keyed separately)."""
+    out = {k: v for k, v in resolved.items() if k not in ("run", "tracking", "dry_run", "backbone")}
+    out["dataset"] = {k: v for k, v in resolved["dataset"].items() if k != "path"}
+    return out | {"seed": resolved["run"]["seed"]}
+
+
+def plan_stages(protocol: Toy2DProtocol, train: torch.Tensor, val: torch.Tensor, work_root: Path,
+                dataset_name: str) -> Stages:
+    """Compose both jobs (validated: a bad override fails here, before anything trains) and name their directories
+    <work_root>/ll2d-<key>/{data,vae,vaebm}: a rerun with the same data and settings finds the finished runs (the job
+    then does nothing) or resumes an interrupted one from its checkpoint."""
+    from core.training.config import compose_job
+
+    digest = digest_points(torch.cat([train, val]))
+    common = [f"dataset.name={dataset_name}", f"dataset.path={work_root}", f"run.seed={protocol.seed}",
+              "loop.progress_bar=false"]  # dataset.path and run.dir are set below, once the key is known
+    vae, vae_resolved, _ = compose_job(["method=nvae", f"experiment={protocol.vae_experiment}", *common,
+                                        *protocol.vae_overrides])
+    vae_key = _settings_key(digest, _training_settings(vae_resolved))
+    vaebm, vaebm_resolved, _ = compose_job(["method=vaebm", f"experiment={protocol.vaebm_experiment}", *common,
+                                            *protocol.vaebm_overrides])
+    select = {k: getattr(protocol, k) for k in ("select_every_nimg", "val_marginal_samples", "val_grid_n",
+                                                 "grid_half_width", "val_points")}
+    key = _settings_key(vae_key, _training_settings(vaebm_resolved), select)
+    work = work_root / f"ll2d-{key}"
+    for config, resolved, stage in ((vae, vae_resolved, "vae"), (vaebm, vaebm_resolved, "vaebm")):
+        config.dataset.path = str(work / "data")
+        config.run.dir = str(work / stage)
+        resolved["dataset"]["path"], resolved["run"]["dir"] = config.dataset.path, config.run.dir
+    vaebm.backbone, vaebm.backbone_train_if_missing = str(work / "vae"), False
+    resolved_b = vaebm_resolved
+    resolved_b["backbone"], resolved_b["backbone_train_if_missing"] = vaebm.backbone, False
+    return Stages(work / "data", (vae, vae_resolved), (vaebm, vaebm_resolved), vae_key, key)
+
+
+def write_training_split(train: torch.Tensor, out: Path, name: str) -> None:
+    """The training points as WebDataset point shards (data_pipelines' writer): the jobs read them like any data."""
+    from data_pipelines.config import PrepareConfig
+    from data_pipelines.shard_writer import build_dataset
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    source = out.parent / "train.npy"
+    tmp = out.parent / "train.npy.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, train.numpy().astype(np.float32))
+    tmp.replace(source)
+    build_dataset(PrepareConfig(source=str(source), out=str(out), name=name), progress=False)
+
+
+def _run_stage(stage: tuple[Any, dict[str, Any]], tracking, parent_run_id: str | None = None,
+               selection: Any = None) -> Path:
+    from core.training.job import train as train_job
+
+    config, resolved = stage
+    config.tracking = tracking or TrackingConfig(enabled=False)  # untracked unless asked
+    resolved["tracking"] = dataclasses.asdict(config.tracking)
+    config.validate()
+    return train_job(config, resolved, parent_run_id=parent_run_id, selection=selection)
+
+
+def _model(run_dir: Path):
+    from core.methods import build_model
+    from core.training.checkpoint import read_model
+
+    bundle, weights = read_model(str(run_dir), None)
+    return build_model(bundle, weights, torch.device("cpu"))
+
+
+def train_vae(stages: Stages, train: torch.Tensor, dataset_name: str, tracking=None) -> MLPVAE:
+    """Stage 1 on the training job: method nvae with the MLP VAE (vaebm.md Eq. 3) on the training split."""
+    write_training_split(train, stages.data_dir, dataset_name)
+    run_dir = _run_stage(stages.vae, tracking)
+    return _model(run_dir).vae.eval().requires_grad_(False)
+
+
+def train_vaebm(stages: Stages, vae: MLPVAE, val: torch.Tensor, protocol: Toy2DProtocol,
+                tracking=None) -> tuple[EnergyNet, dict[str, Any]]:
+    """Stage 2 on the training job: method vaebm on the frozen stage-1 VAE, nested under stage 1's pipeline run,
+    publishing the energy weights with the best validation log-likelihood (core.training.selection with
+    `ValidationScorer`). Returns the energy and the selection summary."""
+    from core.training.checkpoint import load_run_ids
+    from core.training.job import SELECTION_FILE
+    from core.training.selection import ModelSelection
+
+    scorer = ValidationScorer(vae, val, protocol)
+    selection = ModelSelection(scorer.score, protocol.select_every_nimg)
+    parent = load_run_ids(Path(stages.vae[0].run.dir)).get("parent")
+    run_dir = _run_stage(stages.vaebm, tracking, parent_run_id=parent, selection=selection)
+    summary = json.loads((run_dir / SELECTION_FILE).read_text())
+    out = {"val_best_log_likelihood": summary["best_score"], "val_best_nimg": summary["best_nimg"],
+           "val_vae_log_likelihood": float(scorer.lp_val.mean()), "val_history": summary["history"]}
+    return _model(run_dir).energy_net.eval().requires_grad_(False), out
 
 
 class ValidationScorer:
     """Average validation log-likelihood of the VAEBM, log h = log p_vae - E - log Z (vaebm.md Eq. 5), cheap enough to
     run every few steps: the VAE is frozen, so log p_vae on the validation points and on the log-Z grid is computed
     once (marginal mixture of `val_marginal_samples` components, `val_grid_n`^2 midpoint grid) and each score costs
-    only energy evaluations. Keeps the best-scoring weights (`best`)."""
+    only energy evaluations. Stage 2's model selection (core.training.selection) calls `score` at its interval."""
 
     def __init__(self, vae: MLPVAE, val: torch.Tensor, protocol: Toy2DProtocol):
         gen = torch.Generator().manual_seed(protocol.seed + 505)
@@ -233,7 +261,6 @@ class ValidationScorer:
         pts, self.log_cell = grid_points(grid)
         self.grid = pts.float()
         self.lp_grid = mixture_log_density(self.grid, mu, sigma)
-        self.best = BestState()
         self.exact_mean_energy = math.nan  # E_h[E] on the grid at the last score (a sampler diagnostic)
 
     @torch.no_grad()
@@ -248,126 +275,6 @@ class ValidationScorer:
         # E_h[E] by the same quadrature: what the Langevin negatives' mean energy would be if they followed h
         self.exact_mean_energy = float((torch.softmax(log_w, dim=0) * e_grid).sum())
         return vaebm_log_density(self.lp_val, e_val, log_z, average=True)  # mean log h over validation (Eq. 5)
-
-    def consider(self, step: int, energy: EnergyNet) -> float:
-        value = self.score(energy)
-        self.best.consider(step, value, energy)
-        return value
-
-    def summary(self) -> dict[str, Any]:
-        return {"val_best_log_likelihood": self.best.score, "val_best_step": self.best.step,
-                "val_vae_log_likelihood": float(self.lp_val.mean()),
-                "val_history": [[s, round(v, 5)] for s, v in self.best.history]}
-
-
-class NegativePhase:
-    """The negative samples of VAEBM training on 2-D data, through the image method's code path: each call resamples
-    chain starts (SIR from the VAE, `sir_chain_start`; with `persistent` > 0 a chain continues from its last state
-    with that probability) and runs `langevin_steps` eps-space Langevin updates on the exact target
-    U(eps) = E(T(eps)) + |eps|^2/2 (vaebm.md Eq. 9) and decodes the chains to x (`langevin_negatives`). Specific to
-    2-D: chains that leave the data region (`chain_bound`) are restarted."""
-
-    def __init__(self, vae: MLPVAE, energy: Callable[[torch.Tensor], torch.Tensor], protocol: Toy2DProtocol,
-                 generator: torch.Generator, num_chains: int | None = None):
-        self.vae, self.energy, self.protocol, self.gen = vae, energy, protocol, generator
-        self.num_chains = num_chains or protocol.ebm_batch
-        self.lcfg = LangevinConfig(num_steps=protocol.langevin_steps, step_size=protocol.step_size)
-        eps_x, eps_z = vae.sample_noise(self.num_chains, generator=generator)
-        self.state = [eps_x, *eps_z]
-        self.escaped = 0  # chains restarted because they left the data region or went non-finite
-        self.ess_fraction = 1.0  # effective sample size fraction of the last SIR draw
-
-    def _propose(self, n: int) -> list[torch.Tensor]:
-        """n eps-space candidates from the VAE's base distribution N(0, I): the SIR proposal."""
-        eps_x, eps_z = self.vae.sample_noise(n, generator=self.gen)
-        return [eps_x, *eps_z]
-
-    def draw(self) -> torch.Tensor:
-        p, gen, n = self.protocol, self.gen, self.num_chains
-        init = sir_chain_start(self.vae, self.energy, self._propose, n, p.init_candidates, gen,
-                               scheme=p.init_resampling)
-        self.ess_fraction = init.ess_fraction
-        keep = (torch.rand(n, generator=gen) < p.persistent)[:, None]
-        state = [torch.where(keep, s, f) for s, f in zip(self.state, init.state)]
-        x_neg, chains = langevin_negatives(self.vae, self.energy, state, self.lcfg, gen, target="exact")
-        state = chains.state
-        with torch.no_grad():
-            # Chains that left the data region (|x| > chain_bound) or went non-finite are restarted from N(0, I)
-            # after this step. Escaped but finite chains stay in this step's negatives: they are where the energy
-            # is spuriously low (a swish MLP extrapolates linearly), and only negatives there raise it (dropping
-            # them, measured, let log Z run away to +17). Non-finite ones are dropped.
-            ok = torch.isfinite(x_neg).all(dim=1) & (x_neg.abs().amax(dim=1) < p.chain_bound)
-            if not bool(ok.all()):
-                self.escaped += int((~ok).sum())
-                x_neg = x_neg[torch.isfinite(x_neg).all(dim=1)]
-                rx, rz = self.vae.sample_noise(n, generator=gen)
-                state = [torch.where(ok[:, None], s, f) for s, f in zip(state, [rx, *rz])]
-        self.state = state
-        return x_neg
-
-
-def train_energy(vae: MLPVAE, train: torch.Tensor, protocol: Toy2DProtocol,
-                 selection: ValidationScorer | None = None) -> EnergyNet:
-    """Stage 2 of VAEBM on 2-D data: CD loss (vaebm.md Eq. 7) with negatives from `NegativePhase` (SIR chain starts
-    from the VAE, then eps-space Langevin on the exact target, Eq. 9), ClippedAdam (App. E). The energy-magnitude
-    penalty (core.objectives.ebm.energy_magnitude_penalty) decays linearly from `energy_reg` to `energy_reg_final`:
-    early it keeps E near zero while it takes shape (the CD loss is blind to a constant shift); late it no longer
-    biases the energy's shape.
-
-    Why SIR starts and one small Langevin step (docs/benchmarks.md): on this data the decoder maps eps_z to x so
-    steeply that an eps-space step of eta = 1e-2 moves x by ~0.8 (the modes are 0.1 wide) and raises the negatives'
-    mean energy from E_h[E] to far above it; chains from N(0, I) at small eta do not reach the modes in any
-    affordable number of steps. Resampling a pool of VAE draws by exp(-E) lands the chains at h directly (the
-    negatives' mean energy matches the exact E_h[E], tests/test_evaluate_ll2d.py), and a step at the scale of the
-    paper's step sizes (Table 8: up to 8e-5) keeps them there.
-
-    With a `selection` scorer, the energy is scored on held-out validation points every `eval_every` steps and at the
-    end, and the best-scoring weights are returned (early stopping on validation likelihood; the test points never
-    enter training or selection)."""
-    torch.manual_seed(protocol.seed + 1)
-    energy = EnergyNet(energy_config(protocol))
-    gen = torch.Generator().manual_seed(protocol.seed + 202)
-    init_batch = train[torch.randint(len(train), (1024,), generator=gen)]
-    data_dependent_init(energy, init_batch, init_scale=energy.config.init_scale)  # per-layer: energy_config
-    opt = ClippedAdam(energy.parameters(), lr=protocol.ebm_lr, betas=(protocol.ebm_beta1, 0.999), weight_decay=0.0)
-    negatives = NegativePhase(vae, energy, protocol, gen)
-    t0 = time.perf_counter()
-    skipped = 0
-    for step in range(protocol.ebm_steps):
-        x_neg = negatives.draw()
-        x_pos = train[torch.randint(len(train), (protocol.ebm_batch,), generator=gen)]
-        e_pos, e_neg = energy(x_pos), energy(x_neg)
-        spectral = energy.spectral_penalty() if protocol.alpha_s > 0 else torch.zeros(())
-        out = vaebm_loss(e_pos, e_neg, spectral, protocol.alpha_s)
-        # Energy-magnitude penalty: the CD loss is invariant to a constant shift and unbounded below when the chains
-        # lag the energy; the penalty bounds both. Added here rather than through vaebm_loss(magnitude_weight=...):
-        # the decayed weight can round to -1e-18 at the last step, which vaebm_loss rightly rejects.
-        reg_w = protocol.energy_reg
-        if protocol.energy_reg_final >= 0:
-            reg_w += (protocol.energy_reg_final - protocol.energy_reg) * step / max(1, protocol.ebm_steps - 1)
-        loss = out.loss + reg_w * energy_magnitude_penalty(e_pos, e_neg)
-        if not bool(torch.isfinite(loss)):
-            skipped += 1
-            continue
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        done = step + 1
-        if selection is not None and (done % protocol.eval_every == 0 or done == protocol.ebm_steps):
-            selection.consider(done, energy)
-        if step % 250 == 0 or done == protocol.ebm_steps:
-            m = out.metrics()
-            log.info("ebm step %d/%d  cd %.4f  e_pos %.3f  e_neg %.3f  init ess %.3f  escaped chains %d  "
-                     "skipped steps %d  (%.0f s)%s", step, protocol.ebm_steps, m["cd"], m["e_pos"], m["e_neg"],
-                     negatives.ess_fraction, negatives.escaped, skipped, time.perf_counter() - t0,
-                     f"  val ll {selection.best.history[-1][1]:.4f} (best {selection.best.score:.4f} at step "
-                     f"{selection.best.step}; E_h[E] {selection.exact_mean_energy:.3f})"
-                     if selection is not None and selection.best.history else "")
-    if selection is not None:
-        selection.best.restore(energy)
-    if not all(bool(torch.isfinite(q).all()) for q in energy.parameters()):
-        raise RuntimeError("ll2d: the energy network has non-finite parameters after training")
-    return energy.eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------------------- estimators
@@ -438,16 +345,6 @@ def mixture_log_density(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, 
 def vae_sample(vae: MLPVAE, n: int, generator: torch.Generator) -> torch.Tensor:
     eps_x, eps_z = vae.sample_noise(n, generator=generator)
     return vae.generate(eps_z, eps_x)[0]
-
-
-@torch.no_grad()
-def vaebm_langevin_sample(vae: MLPVAE, energy: EnergyNet, n: int, steps: int, step_size: float,
-                          generator: torch.Generator) -> torch.Tensor:
-    """Approximate VAEBM samples (for plots / sanity checks only; likelihoods never use them)."""
-    eps_x, eps_z = vae.sample_noise(n, generator=generator)
-    x, _ = langevin_negatives(vae, energy, [eps_x, *eps_z], LangevinConfig(num_steps=steps, step_size=step_size),
-                              generator)
-    return x
 
 
 @dataclass
@@ -556,28 +453,10 @@ def evaluate_ll2d(vae: MLPVAE, energy: EnergyNet, test: torch.Tensor, protocol: 
 
 
 # ----------------------------------------------------------------------------------------------------------- driver
-def _save(path: Path, vae: MLPVAE, energy: EnergyNet, protocol: Toy2DProtocol, selection: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"vae": vae.state_dict(), "energy": energy.state_dict(), "protocol": dataclasses.asdict(protocol),
-                "selection": selection}, tmp)
-    tmp.replace(path)
-
-
-def _load(path: Path, protocol: Toy2DProtocol) -> tuple[MLPVAE, EnergyNet, dict[str, Any]]:
-    """The cached models and the validation-selection summary they were kept by."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    vae = MLPVAE(MLPVAEConfig())
-    vae.load_state_dict(blob["vae"], strict=True)
-    energy = EnergyNet(energy_config(protocol))
-    energy.load_state_dict(blob["energy"], strict=True)
-    return vae.eval().requires_grad_(False), energy.eval().requires_grad_(False), blob.get("selection", {})
-
-
 def split_dataset(protocol: Toy2DProtocol, dataset: str = "gaussians25",
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
     """(train, val, test, analytic log density or None) of `dataset` (see `run_ll2d`)."""
-    if dataset in ("gaussians25", "25gaussians", "toy2d"):
+    if dataset in GAUSSIANS25_NAMES:
         train, val, test = gaussians25_split(protocol)
         return train, val, test, gaussians25_log_density
     pts = load_points(dataset)
@@ -590,17 +469,8 @@ def split_dataset(protocol: Toy2DProtocol, dataset: str = "gaussians25",
     return train, val, test, None
 
 
-_VAE_FIELDS = ("seed", "train_points", "vae_steps", "vae_batch", "vae_lr", "vae_kl_warmup")
-
-
-def vae_key(protocol: Toy2DProtocol, data_digest: str) -> str:
-    """Cache key of the protocol's VAE alone: data + the VAE's training fields."""
-    blob = json.dumps({"data": data_digest, **{k: getattr(protocol, k) for k in _VAE_FIELDS}}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def make_context(vae: MLPVAE, train: torch.Tensor, val: torch.Tensor, test: torch.Tensor, protocol: Toy2DProtocol,
-                 cache_dir: str | Path | None = None) -> LL2DContext:
+                 cache_dir: str | Path | None = None, vae_key: str = "") -> LL2DContext:
     """The `LL2DContext` rows are scored in: M = marginal_samples shared decoder components of `vae` (their own
     stream, seed + 606), the marginal-mixture log p_vae of the test points and the protocol's grid."""
     gen = torch.Generator().manual_seed(protocol.seed + 606)
@@ -619,77 +489,83 @@ def make_context(vae: MLPVAE, train: torch.Tensor, val: torch.Tensor, test: torc
     mu, sigma = torch.cat(mus), torch.cat(sigmas)
     w = protocol.grid_half_width
     grid = Grid2D(bounds=((-w, w), (-w, w)), n=protocol.grid_n, chunk_size=1 << 20, input_dtype=torch.float32)
-    key = vae_key(protocol, digest_points(torch.cat([train, val])))
     return LL2DContext(vae=vae, train=train, val=val, test=test, protocol=protocol, seed=protocol.seed, eps_z=eps_z,
                        z=z, mu=mu, sigma=sigma, log_p_vae_test=mixture_log_density(test, mu, sigma),
                        mixture_fn=mixture_log_density, grid_fn=lambda fn: log_partition_on(grid, fn),
-                       cache_dir=Path(cache_dir).expanduser() if cache_dir else None, training_key=key)
+                       cache_dir=Path(cache_dir).expanduser() if cache_dir else None, training_key=vae_key)
 
 
-def build_context(protocol: Toy2DProtocol, dataset: str = "gaussians25",
-                  cache_dir: str | Path | None = None) -> LL2DContext:
-    """Split `dataset`, train the protocol's VAE (or reuse it from `cache_dir`) and build the rows' context."""
+def _dataset_name(dataset: str) -> str:
+    """The jobs' dataset label (registered models: nvae-ll2d-<name>, vaebm-ll2d-<name>)."""
+    if dataset in GAUSSIANS25_NAMES:
+        return "ll2d-gaussians25"
+    return "ll2d-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(dataset).stem)
+
+
+def _work_root(cache_dir: str | Path | None) -> tuple[Path, bool]:
+    """(directory of the runs, whether it is temporary)."""
+    if cache_dir:
+        return Path(cache_dir).expanduser().resolve(), False
+    return Path(tempfile.mkdtemp(prefix="vaebm-ll2d-")), True
+
+
+def build_context(protocol: Toy2DProtocol, dataset: str = "gaussians25", cache_dir: str | Path | None = None,
+                  tracking=None) -> LL2DContext:
+    """Split `dataset`, train the protocol's VAE on the job (or find it finished under `cache_dir`) and build the
+    rows' context."""
     protocol.validate()
     train, val, test, _ = split_dataset(protocol, dataset)
-    key = vae_key(protocol, digest_points(torch.cat([train, val])))
-    cached = Path(cache_dir).expanduser() / f"ll2d-vae-{key}.pt" if cache_dir else None
-    vae = MLPVAE(MLPVAEConfig())
-    if cached is not None and cached.is_file():
-        vae.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True), strict=True)
-    else:
-        vae = train_vae(train, protocol)
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp")
-            torch.save(vae.state_dict(), tmp)
-            tmp.replace(cached)
-    vae = vae.eval().requires_grad_(False)
-    return make_context(vae, train, val, test, protocol, cache_dir)
+    root, temporary = _work_root(cache_dir)
+    try:
+        stages = plan_stages(protocol, train, val, root, _dataset_name(dataset))
+        vae = train_vae(stages, train, _dataset_name(dataset), tracking or TrackingConfig(enabled=False))
+    finally:
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
+    return make_context(vae, train, val, test, protocol, cache_dir, stages.vae_key)
 
 
 def run_ll2d(protocol: Toy2DProtocol, dataset: str = "gaussians25", cache_dir: str | Path | None = None,
-             ) -> tuple[LL2DResult, dict[str, Any]]:
-    """Train (or reuse from `cache_dir`) the VAE and VAEBM and evaluate them. `dataset` is `gaussians25` (analytic
-    `true` row) or an .npy file of (N, 2) points (after a seeded shuffle: the first third is test, then up to
-    `val_points` (at most a fifth of the rest) validation, the rest training; no `true` row).
-    Returns the result and a description of what was trained/reused."""
+             tracking=None) -> tuple[LL2DResult, dict[str, Any]]:
+    """Train the VAE and the VAEBM on the training job (both stages; finished runs under `cache_dir` are reused)
+    and evaluate them. `dataset` is `gaussians25` (analytic `true` row) or an .npy file of (N, 2) points (after a
+    seeded shuffle: the first third is test, then up to `val_points` (at most a fifth of the rest) validation, the
+    rest training; no `true` row). `tracking`: where the two stages report (default: not tracked); they are one
+    MLflow pipeline run `ll2d` with the stages `nvae` and `vaebm`. Runs on one process (the jobs form a world of
+    one). Returns the result and a description of what was trained/reused."""
     protocol.validate()
+    tracking = tracking or TrackingConfig(enabled=False)
     train, val, test, analytic = split_dataset(protocol, dataset)
-    key = protocol.training_key(digest_points(torch.cat([train, val])))
-    info: dict[str, Any] = {"training_key": key, "train_points": len(train), "val_points": len(val),
-                            "test_points": len(test)}
-    cached = Path(cache_dir).expanduser() / f"ll2d-{key}.pt" if cache_dir else None
-    t0 = time.perf_counter()
-    if cached is not None and cached.is_file():
-        vae, energy, selection_summary = _load(cached, protocol)
-        info.update(selection_summary)
-        info["models"] = f"reused {cached}"
-    else:
-        vae = train_vae(train, protocol)
+    name = _dataset_name(dataset)
+    root, temporary = _work_root(cache_dir)
+    try:
+        stages = plan_stages(protocol, train, val, root, name)
+        info: dict[str, Any] = {"training_key": stages.key, "train_points": len(train), "val_points": len(val),
+                                "test_points": len(test), "runs": str(root / f"ll2d-{stages.key}")}
+        t0 = time.perf_counter()
+        vae = train_vae(stages, train, name, tracking)
         info["vae_train_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        selection = ValidationScorer(vae, val, protocol)
-        energy = train_energy(vae, train, protocol, selection)
+        energy, selection = train_vaebm(stages, vae, val, protocol, tracking)
         info["ebm_train_s"] = time.perf_counter() - t1
-        info.update(selection.summary())
-        info["models"] = "trained"
-        if cached is not None:
-            _save(cached, vae, energy, protocol, selection.summary())
-            info["models"] = f"trained, cached at {cached}"
+        info.update(selection)
+    finally:
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
     result = evaluate_ll2d(vae, energy, test, protocol, analytic)
     result.timings_s.update({k: v for k, v in info.items() if k.endswith("_s")})
-    result.extra.update({k: info[k] for k in ("val_best_step", "val_best_log_likelihood", "val_vae_log_likelihood")
-                         if k in info})
+    result.extra.update({k: info[k] for k in ("val_best_nimg", "val_best_log_likelihood", "val_vae_log_likelihood")})
     if protocol.rows:
-        ctx = make_context(vae, train, val, test, protocol, cache_dir)
-        for name in protocol.rows:
+        ctx = make_context(vae, train, val, test, protocol, None if temporary else cache_dir, stages.vae_key)
+        for row_name in protocol.rows:
             t1 = time.perf_counter()
-            row = LL2D_ROWS[name](ctx, getattr(protocol, name))
-            result.timings_s[f"row_{name}"] = time.perf_counter() - t1
-            result.rows[name] = float(row.log_likelihood.mean())
-            result.row_details[name] = row
+            row = LL2D_ROWS[row_name](ctx, getattr(protocol, row_name))
+            result.timings_s[f"row_{row_name}"] = time.perf_counter() - t1
+            result.rows[row_name] = float(row.log_likelihood.mean())
+            result.row_details[row_name] = row
             if "true" in result.rows:
-                result.gaps[name] = (result.rows[name] - result.rows["vae"]) / (result.rows["true"] - result.rows["vae"])
+                result.gaps[row_name] = ((result.rows[row_name] - result.rows["vae"])
+                                         / (result.rows["true"] - result.rows["vae"]))
     return result, info
 
 
@@ -703,8 +579,8 @@ def format_ll2d_table(result: LL2DResult) -> str:
                  f"+- {result.log_z_mc_stderr:.5f}")
     if "log_vae_mass_on_grid" in result.extra:
         lines.append(f"grid coverage: log of the VAE's mass on the grid = {result.extra['log_vae_mass_on_grid']:.5f}")
-    if "val_best_step" in result.extra:
-        lines.append(f"energy checkpoint: step {result.extra['val_best_step']} (best validation log-likelihood "
+    if "val_best_nimg" in result.extra:
+        lines.append(f"energy checkpoint: nimg {result.extra['val_best_nimg']} (best validation log-likelihood "
                      f"{result.extra['val_best_log_likelihood']:.4f}; VAE {result.extra['val_vae_log_likelihood']:.4f})")
     c = result.iwae_check
     lines.append(f"IWAE check on {int(c['points'])} test points: iwae = {c['iwae']:.4f}, marginal = "

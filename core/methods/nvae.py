@@ -2,7 +2,9 @@
 
     loss = -log p(x|z) + beta * sum_l gamma_l KL_l + lambda * (SR + BN)         (core/objectives/elbo.py)
 
-Registered as `nvae-<dataset>`. The `nvae` and `mlp_vae` model kinds (any noise-space VAE) are rebuilt here too.
+The same stage trains the papers' MLP VAE on low-dimensional point data (`arch=mlp`: vaebm.md Sec. 5.4, the 2-D
+likelihood protocol's backbone). Registered as `nvae-<dataset>`. The `nvae` and `mlp_vae` model kinds (any
+noise-space VAE) are rebuilt here too.
 """
 from __future__ import annotations
 
@@ -23,20 +25,36 @@ from core.models.nvae_config import NVAEConfig
 from core.objectives.elbo import ELBOConfig, kl_balance_weights, nelbo_loss
 from core.optim.config import OptimConfig
 from core.seeding import derive_seed
-from core.visuals import save_grid
+from core.visuals import save_grid, save_points
 
 _GRID_STREAM = 0xF17ED  # fixed grid noise: the same images every report and every run
 
 
+OPTIMIZERS = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam}
+
+
+@dataclass
+class VAEOptimConfig(OptimConfig):
+    algorithm: str = "adamax"  # adamax (NVAE) | adam (the 2-D protocol's MLP VAE)
+
+
 @dataclass
 class NVAEMethodConfig:
+    arch: str = "nvae"  # nvae: the hierarchical image VAE | mlp: the papers' MLP VAE for point data (section `mlp`)
     nvae: NVAEConfig = field(default_factory=NVAEConfig)  # the backbone (conf/nvae/<preset>.yaml: diffs over defaults)
+    mlp: MLPVAEConfig = field(default_factory=MLPVAEConfig)  # the MLP VAE when arch=mlp (vaebm.md Sec. 5.4)
     objective: ELBOConfig = field(default_factory=ELBOConfig)  # KL warm-up/balancing, spectral + BN regularization
-    optim: OptimConfig = field(default_factory=OptimConfig)  # Adamax (NVAE) with warm-up + cosine schedule
+    optim: VAEOptimConfig = field(default_factory=VAEOptimConfig)  # Adamax (NVAE) with warm-up + cosine schedule
 
     def validate(self, dataset) -> None:
         """Raises ValueError naming the key when the model and the data disagree."""
         self.optim.validate()
+        if self.optim.algorithm not in OPTIMIZERS:
+            raise ValueError(f"optim.algorithm must be one of {sorted(OPTIMIZERS)}, got {self.optim.algorithm!r}")
+        if self.arch not in ("nvae", "mlp"):
+            raise ValueError(f"arch must be nvae or mlp, got {self.arch!r}")
+        if self.arch == "mlp":  # point data; the loader checks that the stored points have mlp.data_dim coordinates
+            return
         nvae = self.nvae
         if dataset.resolution not in (None, nvae.image_size):
             raise ValueError(f"dataset.resolution={dataset.resolution} but nvae.image_size={nvae.image_size}")
@@ -74,7 +92,7 @@ class NVAEMethod(Method):
     def __init__(self, config: NVAEMethodConfig, ctx: MethodContext, backbone=None, backbone_bundle=None):
         super().__init__(config, ctx)
         torch.manual_seed(ctx.seed)  # identical initial weights on every rank
-        self.model = NVAE(config.nvae).to(ctx.device)
+        self.model = build_backbone(config).to(ctx.device)
         self.alpha = kl_balance_weights(self.model.latent_shapes()).to(ctx.device)
         gen = torch.Generator().manual_seed(derive_seed(ctx.seed, _GRID_STREAM))
         self.fixed_noise = self.model.sample_noise(ctx.sample_count, generator=gen, device=torch.device("cpu"))
@@ -84,7 +102,8 @@ class NVAEMethod(Method):
 
     def make_optimizer(self, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         o = self.config.optim
-        return torch.optim.Adamax(param_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        return OPTIMIZERS[o.algorithm](param_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                       weight_decay=o.weight_decay)
 
     def loss(self, net: Callable[..., Any], batch: dict[str, Any], nimg: int):
         dtype = next(self.model.parameters()).dtype  # bf16/fp16 once the engine has cast the network
@@ -116,8 +135,12 @@ class NVAEMethod(Method):
         state = join_state(eps_x.to(self.ctx.device, dtype), [e.to(self.ctx.device, dtype) for e in eps_z])
         paths = []
         for t in self.ctx.sample_temperatures:
-            images = decode(self.model, state, temperature=t, use_mean=True)
-            paths.append(save_grid(images, out_dir / f"nimg-{nimg:012d}-t{t:g}.png"))
+            path = out_dir / f"nimg-{nimg:012d}-t{t:g}.png"
+            if self.config.arch == "mlp":  # points: decoder samples (the model's density), scattered
+                x = decode(self.model, state, temperature=t, use_mean=False)
+                paths.append(save_points(x, path, f"samples at nimg={nimg}, t={t:g}"))
+            else:
+                paths.append(save_grid(decode(self.model, state, temperature=t, use_mean=True), path))
         self.model.train(was_training)
         return paths
 
@@ -126,7 +149,12 @@ class NVAEMethod(Method):
 
     @classmethod
     def describe(cls, config: NVAEMethodConfig):
-        return [("NVAE", NVAE(config.nvae))]
+        return [("NVAE" if config.arch == "nvae" else "MLP VAE", build_backbone(config))]
+
+
+def build_backbone(config: NVAEMethodConfig) -> NoiseSpaceVAE:
+    """The untrained VAE of `config.arch`."""
+    return NVAE(config.nvae) if config.arch == "nvae" else MLPVAE(config.mlp)
 
 
 class VAEModel(TrainedModel):

@@ -25,7 +25,7 @@ from core.methods.potentials import (TARGET_MODES, chain_start, decode, join_sta
                                      split_state)
 from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init
 from core.models.nvae import NVAE
-from core.objectives.ebm import vaebm_loss
+from core.objectives.ebm import magnitude_weight_at, vaebm_loss
 from core.optim.clipped_adam import ClippedAdam
 from core.optim.config import OptimConfig
 from core.sampling.langevin import ChainEnergyTrace, LangevinConfig, LangevinResult, autocast_context, run_langevin
@@ -33,7 +33,7 @@ from core.sampling.replay_buffer import ReplayBuffer, ReplayBufferConfig, replay
 from core.sampling.resampled_init import SCHEMES as RESAMPLING_SCHEMES, ResampledInit, importance_resampled_init
 from core.sampling.rng import rank_generator
 from core.seeding import derive_seed
-from core.visuals import chain_energy_figure, energy_histogram, save_grid
+from core.visuals import chain_energy_figure, energy_histogram, save_grid, save_points
 
 _GRID_STREAM = 0xF17ED  # fixed noise of the sample grids
 _TEST_CHAIN_STREAM = 0x5A3  # Langevin noise of the grids' test-time chains
@@ -66,6 +66,8 @@ class SamplerConfig:
 @dataclass
 class EBMObjectiveConfig:
     alpha_s: float = 0.2  # spectral regularization coefficient (0.2 in App. E; 0.3 for CelebA-HQ-256)
+    magnitude_weight: float = 0.0  # weight of mean(E(x+)^2) + mean(E(x-)^2) at the start (0: off; the 2-D protocol)
+    magnitude_weight_final: float | None = None  # it decays linearly to this by the end of training (None: constant)
     max_energy_gap: float = 1e4  # |E(x+) - E(x-)| above this at a report counts as divergence
     divergence_patience: int = 3  # consecutive divergent reports before training stops
 
@@ -101,6 +103,9 @@ class VAEBMConfig(BackboneConfig):
             raise ValueError("buffer.device must be cpu or cuda")
         if self.objective.alpha_s < 0 or self.objective.divergence_patience < 1:
             raise ValueError("objective.alpha_s must be >= 0 and objective.divergence_patience >= 1")
+        o = self.objective
+        if o.magnitude_weight < 0 or (o.magnitude_weight_final is not None and o.magnitude_weight_final < 0):
+            raise ValueError("objective.magnitude_weight and objective.magnitude_weight_final must be >= 0")
         if self.optim.clip_std <= 0 or self.optim.clip_slack < 0:
             raise ValueError("optim.clip_std must be > 0 and optim.clip_slack >= 0")
         try:
@@ -267,7 +272,10 @@ class VAEBMMethod(Method):
         x_pos = batch["x"].to(self.ctx.device, non_blocking=True).float()
         x_neg, eps_z, chain, replayed = self.negatives(x_pos.shape[0])
         e_pos, e_neg = net(torch.cat([x_pos, x_neg])).float().chunk(2)  # fp32 pixels into any engine dtype
-        terms = vaebm_loss(e_pos, e_neg, self.energy.spectral_penalty().float(), self.config.objective.alpha_s)
+        o = self.config.objective
+        spectral = self.energy.spectral_penalty().float() if o.alpha_s > 0 else torch.zeros((), device=x_pos.device)
+        magnitude = magnitude_weight_at(nimg / self.ctx.total_nimg, o.magnitude_weight, o.magnitude_weight_final)
+        terms = vaebm_loss(e_pos, e_neg, spectral, o.alpha_s, magnitude_weight=magnitude)
         if self.buffer is not None:
             self.buffer.push(eps_z)
         self.iteration.value += 1
@@ -277,6 +285,8 @@ class VAEBMMethod(Method):
             "ebm/spectral": terms.spectral, "ebm/replay_ratio": replayed.float().mean(),
             **chain.metrics(),
         }
+        if terms.magnitude is not None:
+            metrics["ebm/magnitude"] = terms.magnitude
         return terms.loss, metrics
 
     # -------------------------------------------------------------------------------------- visuals and health
@@ -292,19 +302,24 @@ class VAEBMMethod(Method):
                                        join_state(eps_x.to(device), [e.to(device) for e in eps_z]), lcfg, gen,
                                        s.target, s.temperature, use_mean=True, chain_use_mean=s.chain_use_mean)
         tag = f"nimg-{nimg:012d}"
-        paths = [out_dir / f"{tag}-samples.png", out_dir / f"{tag}-chains.png", out_dir / f"{tag}-energies.png"]
+        points = len(self.backbone.x_shape()) == 1  # point data (the 2-D protocol): a scatter, no image strips
+        paths = [out_dir / f"{tag}-samples.png", out_dir / f"{tag}-energies.png"]
         paths.append(chain_energy_figure(out_dir / f"{tag}-chain-energy.png", nimg,
                                          {"training chains": self.chain_trace}, {"test chain (fixed noise)": result}))
         with torch.no_grad():
-            save_grid(x, paths[0])
-            rows = min(8, len(x))
-            frames = [decode(self.backbone, [t[:rows] for t in snap], s.temperature, use_mean=True)
-                      for snap in result.snapshots]
-            save_grid(torch.stack(frames, dim=1).flatten(0, 1), paths[1], nrow=len(frames))
+            if points:
+                save_points(x, paths[0], f"VAEBM samples at nimg={nimg}")
+            else:
+                save_grid(x, paths[0])
+                rows = min(8, len(x))
+                frames = [decode(self.backbone, [t[:rows] for t in snap], s.temperature, use_mean=True)
+                          for snap in result.snapshots]
+                paths.append(save_grid(torch.stack(frames, dim=1).flatten(0, 1), out_dir / f"{tag}-chains.png",
+                                       nrow=len(frames)))
             e_neg = self.energy_fp32(x).cpu()
             e_pos = (self.energy_fp32(self.reference_batch.to(device)).cpu()
                      if self.reference_batch is not None else None)
-        energy_histogram(e_pos, e_neg, paths[2], f"energies at nimg={nimg}")
+        energy_histogram(e_pos, e_neg, paths[1], f"energies at nimg={nimg}")
         return paths
 
     def health(self, metrics: dict[str, float]) -> str | None:

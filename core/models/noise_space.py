@@ -33,6 +33,14 @@ class NoiseSpaceVAE(nn.Module, abc.ABC):
     def x_shape(self) -> tuple[int, ...]:
         """Data shape without batch."""
 
+    def spectral_penalty(self) -> torch.Tensor:
+        """The stage-1 spectral regularizer (NVAE Sec. 3.2); backbones without one contribute 0."""
+        return torch.zeros((), device=self._like().device)
+
+    def batchnorm_penalty(self) -> torch.Tensor:
+        """The stage-1 batch-norm scale regularizer (NVAE Sec. 3.2); backbones without BN contribute 0."""
+        return torch.zeros((), device=self._like().device)
+
     def forward(self, x: torch.Tensor) -> TowerPass:
         """The training pass: encode x and sample z ~ q(z|x) (what the DeepSpeed engine calls)."""
         return self.posterior(x)

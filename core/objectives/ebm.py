@@ -38,6 +38,15 @@ def energy_magnitude_penalty(e_pos: torch.Tensor, e_neg: torch.Tensor) -> torch.
     return e_pos.pow(2).mean() + e_neg.pow(2).mean()
 
 
+def magnitude_weight_at(progress: float, start: float, final: float | None) -> float:
+    """The energy-magnitude penalty's weight at `progress` (fraction of training done): `start`, decaying linearly to
+    `final` at the end (None: constant). Early the penalty keeps E near zero while it takes shape (the CD loss is
+    blind to a constant shift); late it no longer biases the energy's shape. Never below 0 (float rounding)."""
+    if final is None:
+        return start
+    return max(0.0, start + (final - start) * min(max(progress, 0.0), 1.0))
+
+
 @dataclass
 class VAEBMLoss:
     loss: torch.Tensor  # cd + alpha_s * spectral (+ magnitude_weight * magnitude): the scalar to backpropagate

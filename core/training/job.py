@@ -30,10 +30,12 @@ from core.training.engine import build_engine
 from core.training.lock import RunDirLock, RunDirLocked
 from core.training.loop import LoopState, run_loop
 from core.training.preemption import Preempted, StopRequest
+from core.training.selection import ModelSelection
 from data_pipelines.errors import ManifestError
 from data_pipelines.loader_factory import build_loader
 
 RUN_LOG = "log.txt"  # rank 0's log lines, appended across resumes
+SELECTION_FILE = "selection.json"  # a run with model selection: which weights were published and every score
 log = logging.getLogger("vaebm.train")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Job-level sections a nested backbone stage inherits from the command line (the method's own sections belong to
@@ -146,8 +148,10 @@ def final_report(config: JobConfig, bundle: dict[str, Any], weights: dict[str, t
     if not rc.enabled or model.baseline is None:
         return None
     if not cmp.applies(config.dataset.name):
+        vae = getattr(model, "vae", None)
+        metric = "ll2d" if vae is not None and len(vae.x_shape()) == 1 else f"fid model={run_dir}"  # points: 2-D
         log.info("end-of-run report: no download-free score for dataset %r; compare with `launchers/evaluate.py "
-                 "metric=fid model=%s`", config.dataset.name, run_dir)
+                 "metric=%s`", config.dataset.name, metric)
         return None
     t = time.perf_counter()
     rows = cmp.compare_with_baseline(model, cmp.digits_scorer(rc.scorer_cache_dir), rc.num_samples, rc.batch_size,
@@ -163,9 +167,12 @@ def final_report(config: JobConfig, bundle: dict[str, Any], weights: dict[str, t
 
 
 def train(config: JobConfig, resolved: dict[str, Any], overrides: list[str] | None = None,
-          parent_run_id: str | None = None) -> Path:
+          parent_run_id: str | None = None, selection: ModelSelection | None = None) -> Path:
     """Run (or resume) the job of `config.method`; returns the run directory. `overrides` are the command-line
-    overrides (a nested backbone stage inherits the job-level ones); `parent_run_id` nests it in a pipeline run."""
+    overrides (a nested backbone stage inherits the job-level ones); `parent_run_id` nests it in a pipeline run.
+    `selection`: score the trained module on held-out data during training and publish its best-scoring weights
+    (core.training.selection; the 2-D likelihood protocol selects its energy this way); the choice is written to
+    <run dir>/selection.json."""
     overrides = list(overrides or [])
     method_cls = get_method(config.method)
     run_dir = config.run_dir()
@@ -183,12 +190,28 @@ def train(config: JobConfig, resolved: dict[str, Any], overrides: list[str] | No
         raise RunDirLocked(refusal)
     handler = _run_log(run_dir) if info.is_rank0 else None
     try:
-        return _train_locked(config, resolved, overrides, parent_run_id, method_cls, run_dir, info)
+        return _train_locked(config, resolved, overrides, parent_run_id, method_cls, run_dir, info, selection)
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
         lock.release()
+
+
+def _publish_selection(selection: ModelSelection, module: torch.nn.Module, run_dir: Path, tracker: Tracker,
+                       info: vdist.DistInfo) -> None:
+    """End of training with model selection: the best-scoring weights replace the last ones before export."""
+    restored = selection.restore(module)
+    if info.is_rank0:
+        summary = selection.summary()
+        (run_dir / SELECTION_FILE).write_text(json.dumps(summary, indent=1))
+        tracker.log_artifact(run_dir / SELECTION_FILE)
+        tracker.set_tags({"selection.best_nimg": str(selection.best_nimg)})
+        if restored:
+            log.info("model selection: publishing the weights of nimg=%d (score %.5g; %d scores)",
+                     selection.best_nimg, selection.best_score, len(selection.history))
+        else:
+            log.warning("model selection: no finite score during training; publishing the last weights")
 
 
 def _run_log(run_dir: Path) -> logging.Handler:
@@ -202,7 +225,7 @@ def _run_log(run_dir: Path) -> logging.Handler:
 
 
 def _train_locked(config: JobConfig, resolved: dict[str, Any], overrides: list[str], parent_run_id: str | None,
-                  method_cls, run_dir: Path, info: vdist.DistInfo) -> Path:
+                  method_cls, run_dir: Path, info: vdist.DistInfo, selection: ModelSelection | None = None) -> Path:
     if info.is_rank0:
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
     vdist.barrier()
@@ -246,7 +269,7 @@ def _train_locked(config: JobConfig, resolved: dict[str, Any], overrides: list[s
         engine, _, _ = build_engine(module, optimizer, config.optim, config.engine, plan, total_steps)
 
         state = LoopState()
-        shared = {"loop": state, **method.shared_state()}
+        shared = {"loop": state, **method.shared_state(), **({"selection": selection} if selection else {})}
         per_rank = {"rng": RNGStreams(), **method.rank_state()}
         if resuming:
             checkpoints.load(engine, tag, shared, per_rank)
@@ -273,7 +296,7 @@ def _train_locked(config: JobConfig, resolved: dict[str, Any], overrides: list[s
         try:
             state, preempted = run_loop(method, engine, iter(loader), loop_cfg, plan, state, checkpoints, shared,
                                         per_rank, info, config.run.seed, run_dir, tracker, loader=loader,
-                                        stop_after_nimg=config.run.stop_after_nimg, stop=stop)
+                                        stop_after_nimg=config.run.stop_after_nimg, stop=stop, selection=selection)
         finally:
             stop.restore()
         if preempted is not None:
@@ -282,6 +305,8 @@ def _train_locked(config: JobConfig, resolved: dict[str, Any], overrides: list[s
                             preempted, checkpoints.root / tag_for(state.last_checkpoint))
             raise Preempted(preempted)
         finished = state.cur_nimg >= loop_cfg.total_nimg
+        if finished and selection is not None:
+            _publish_selection(selection, engine.module, run_dir, tracker, info)
         if finished and info.is_rank0:
             bundle, weights = method.export()
             publish_model(tracker, run_dir, model_name(config), bundle, weights)

@@ -1,6 +1,6 @@
 """The one training loop every job uses. Fixed step order (NVlabs/edm2 style):
 
-    report -> samples -> checkpoint -> stop check -> step
+    report -> samples -> [model selection] -> checkpoint -> stop check -> step
 
 Progress is counted in images seen by all ranks (`cur_nimg`). An optimizer step takes `plan.accumulation`
 forward/backward passes of `plan.micro` images per rank (`loop.global_batch` split over the ranks, see
@@ -98,7 +98,8 @@ class Reporter:
 def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, plan: BatchPlan, state: LoopState,
              checkpoints: CheckpointManager, shared: dict[str, Any], per_rank: dict[str, Any],
              info: vdist.DistInfo, seed: int, run_dir: Path, tracker, loader=None,
-             stop_after_nimg: int | None = None, stop: StopRequest | None = None) -> tuple[LoopState, str | None]:
+             stop_after_nimg: int | None = None, stop: StopRequest | None = None,
+             selection=None) -> tuple[LoopState, str | None]:
     """Train `method` until `loop.total_nimg` (or `stop_after_nimg` more images); returns the final state.
 
     `shared` / `per_rank` name the stateful objects the checkpoint stores beside the engine (the loop state among
@@ -106,8 +107,10 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, p
     ranks. The method's health check sees the reduced metrics (identical on every rank, so every rank decides alike);
     `method.divergence_patience` failing reports in a row stop training naming the last healthy checkpoint.
     A `stop` request (SIGTERM, SIGINT, runner gone) on any rank is agreed on by all ranks with the step's
-    finiteness vote; the loop then reports, checkpoints at the current image count and returns. Returns the final
-    state and the reason it stopped early (None when it reached its target).
+    finiteness vote; the loop then reports, checkpoints at the current image count and returns. With a `selection`
+    (core.training.selection.ModelSelection, also named in `shared`), the trained module is scored on held-out data
+    at its interval and at the end, before the checkpoint. Returns the final state and the reason it stopped early
+    (None when it reached its target).
     """
     global_batch = plan.global_batch
     start_nimg = state.cur_nimg
@@ -156,6 +159,16 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, p
                 if info.is_rank0:
                     tracker.log_images(method.visuals(run_dir / "samples", state.cur_nimg), step=state.cur_nimg)
                 state.last_sample = state.cur_nimg
+
+            # 2b. model selection (scored before the checkpoint, so a resume continues the same choice)
+            # (at the interval, and at the end of training; not where a time slice or a preemption stops)
+            if selection is not None and selection.due(state.cur_nimg, state.cur_nimg >= loop.total_nimg):
+                value = selection.consider(engine.module, state.cur_nimg)
+                if info.is_rank0:
+                    log.info("selection score at nimg=%d: %.5g (best %.5g at nimg=%d)", state.cur_nimg, value,
+                             selection.best_score, selection.best_nimg)
+                    tracker.log_metrics({"selection/score": value, "selection/best_score": selection.best_score},
+                                        step=state.cur_nimg)
 
             # 3. checkpoint
             if state.cur_nimg > state.last_checkpoint and (done or _crossed(state.cur_nimg, state.last_checkpoint,
