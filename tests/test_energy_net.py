@@ -296,7 +296,7 @@ def _former_layer_scaled_init(net: EnergyNet, x_batch: torch.Tensor, scales: lis
 
 
 def test_init_scales_reproduce_the_former_per_layer_init_bit_for_bit():
-    scales = [8.0, 1.0, 1.0, 0.2]  # the 2-D protocol's energy_first_scale = 8 layout
+    scales = [8.0, 1.0, 1.0, 0.2]  # the 2-D protocol's layout (conf/experiment/vaebm/ll2d.yaml)
     x = torch.randn(1024, 2, generator=torch.Generator().manual_seed(6)) * 3
     torch.manual_seed(5)
     reference = EnergyNet(EnergyNetConfig(arch="mlp", data_dim=2, hidden=256, num_layers=3))

@@ -95,10 +95,10 @@ def test_a_resumed_energy_run_selects_exactly_as_an_uninterrupted_one(short_resu
     proto = Toy2DProtocol(**SHORT)
     train, val, _ = gaussians25_split(proto)
     vae = build_context(proto, "gaussians25", cache).vae
-    stages = plan_stages(proto, train, val, Path(cache), "ll2d-gaussians25")  # the finished stage 1 of short_result
+    stages = plan_stages(proto, train, val, Path(cache), "ll2d-gaussians25")  # stage 1: short_result's finished run
     stages.vaebm[0].run.dir = str(tmp_path / "vaebm")
     stages.vaebm[0].run.stop_after_nimg = 256
-    with pytest.raises(FileNotFoundError, match="selection.json"):  # a time slice publishes nothing
+    with pytest.raises(RuntimeError, match="stopped before the end of training"):  # a time slice publishes nothing
         train_vaebm(stages, vae, val, proto)
     assert not (tmp_path / "vaebm" / "model").exists()  # stopped before the end
     stages.vaebm[0].run.stop_after_nimg = None
@@ -120,6 +120,14 @@ def test_mixture_log_density_matches_a_direct_sum():
     direct = torch.logsumexp(torch.distributions.Normal(mu[None].double(), sigma[None].double())
                              .log_prob(x[:, None].double()).sum(-1), dim=1) - math.log(len(mu))
     assert torch.allclose(mixture_log_density(x, mu, sigma), direct, atol=1e-4)
+
+
+@pytest.mark.parametrize("override", ["run.dir=/tmp/x", "tracking.enabled=true", "dataset.path=/tmp/d",
+                                      "backbone=/tmp/b", "+run.seed=3"])
+def test_the_protocol_refuses_overrides_of_what_it_decides(override):
+    with pytest.raises(ValueError, match="what the protocol decides"):
+        Toy2DProtocol(vaebm_overrides=[override]).validate()
+    Toy2DProtocol(vaebm_overrides=["loop.total_nimg=512", "sampler.init_candidates=4"]).validate()
 
 
 def test_per_layer_energy_init_sets_each_layer_std():
@@ -187,6 +195,10 @@ def test_validation_score_equals_the_density2d_likelihood(tiny_vae_and_split):
                                      grid=Grid2D(bounds=((-w, w), (-w, w)), n=proto.val_grid_n,
                                                  input_dtype=torch.float32))
     assert scorer.score(energy) == pytest.approx(float(reference.mean()), abs=1e-5)
+    # a bf16 energy (engine.precision=bf16) is scored in its own dtype: the same value to bf16's resolution
+    half = EnergyNet(EnergyNetConfig(arch="mlp", data_dim=2, hidden=32, num_layers=3))
+    half.load_state_dict(energy.state_dict())
+    assert scorer.score(half.to(torch.bfloat16)) == pytest.approx(float(reference.mean()), abs=0.05)
 
 
 class _PeriodicWells(torch.nn.Module):

@@ -7,8 +7,8 @@ import torch
 from core.evaluation.ll2d_grbm_vae import GRBMVAERowConfig, ll2d_row
 from core.evaluation.toy2d import Toy2DProtocol, build_context
 
-TINY = dict(vae_overrides=["loop.total_nimg=15360"], train_points=2000, test_points=1000, val_points=500, marginal_samples=2000,
-            mc_samples=2000, iwae_points=4, iwae_samples=50, grid_n=40, val_grid_n=30, val_marginal_samples=3000)
+TINY = dict(vae_overrides=["loop.total_nimg=15360"], train_points=2000, test_points=1000, val_points=500,
+            marginal_samples=2000, mc_samples=2000, iwae_points=4, iwae_samples=50, grid_n=40, val_grid_n=30, val_marginal_samples=3000)
 
 
 def test_grbm_vae_row_on_a_tiny_protocol(tmp_path):

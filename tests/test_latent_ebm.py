@@ -312,8 +312,8 @@ def test_ll2d_row_on_a_reduced_protocol(tmp_path):
     from core.evaluation.ll2d_latent_ebm import LatentEBMRowConfig, ll2d_row
     from core.evaluation.toy2d import Toy2DProtocol, build_context
 
-    proto = Toy2DProtocol(vae_overrides=["loop.total_nimg=102400"], train_points=3000, test_points=1000, val_points=500, marginal_samples=4000,
-                          grid_n=120, grid_half_width=12.0)  # a weak VAE: a wider box holds all of its mass
+    proto = Toy2DProtocol(vae_overrides=["loop.total_nimg=102400"], train_points=3000, test_points=1000, val_points=500,
+                          marginal_samples=4000, grid_n=120, grid_half_width=12.0)  # a weak VAE: a wider box holds all of its mass
     ctx = build_context(proto, "gaussians25", cache_dir=tmp_path)
     config = LatentEBMRowConfig(steps=40, batch=128, eval_every=20, val_components=2000)
     row = ll2d_row(ctx, config)

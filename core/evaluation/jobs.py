@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,9 @@ class EvaluateConfig:
                 f"metric=ll2d needs dataset=gaussians25 or an .npy file of (N, 2) points, got {self.dataset_ref!r}")
             if self.dataset_ref.endswith(".npy"):
                 req(Path(self.dataset_ref).expanduser().is_file(), f"dataset file {self.dataset_ref} does not exist")
+            # its two training stages run in this process, a world of one
+            req(int(os.environ.get("WORLD_SIZE", "1")) == 1, "metric=ll2d runs on one process: start it with "
+                "`python launchers/evaluate.py`, not with the deepspeed launcher")
         else:
             try:
                 self.dataset_config()
@@ -502,9 +506,6 @@ def evaluate(config: EvaluateConfig, resolved: dict[str, Any]) -> dict[str, Any]
     extra: dict[str, Any] = {}
     text = None
     if config.metric == "ll2d":
-        if info.world_size > 1:  # its two training jobs form a world of one
-            raise ValueError("metric=ll2d runs on one process: start it with `python launchers/evaluate.py`, "
-                             "not with the deepspeed launcher")
         rows, metrics, text, extra = run_ll2d_metric(config)
         model = None
     else:

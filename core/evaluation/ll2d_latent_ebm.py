@@ -43,7 +43,7 @@ class LatentEBMRowConfig:
     num_linear: int = 3  # hidden Linear + LReLU(0.2) layers before Linear(1)
     # multiplies the first layer's default initial weights: only 2 of the 20 latent dimensions carry information and
     # the aggregate posterior has bumps ~0.25 wide there, which PyTorch's default scale (1/sqrt(20)) is far too
-    # smooth to resolve (the VAEBM row scales its first layer for the same reason, `energy_first_scale`)
+    # smooth to resolve (the VAEBM row scales its first layer for the same reason: `energy.init_scales` of its preset)
     first_layer_scale: float = 1.0
     # f sees only the latent units the encoder uses (mean KL(q(z_j|x) || p(z_j)) above this, nats, on 2,000
     # training points); 0: all units. Along an unused unit q(z_j|x) = p(z_j), so q_agg / p is constant there and

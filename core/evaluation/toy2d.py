@@ -72,7 +72,7 @@ class Toy2DProtocol:
     # conf/experiment/vaebm/<vaebm_experiment>.yaml (the energy: CD loss, SIR chain starts, eps-space Langevin).
     vae_experiment: str = "ll2d"  # stage-1 preset of method nvae
     vaebm_experiment: str = "ll2d"  # stage-2 preset of method vaebm
-    vae_overrides: list[str] = field(default_factory=list)  # extra key=value overrides of stage 1 (e.g. loop.total_nimg)
+    vae_overrides: list[str] = field(default_factory=list)  # extra key=value overrides of stage 1 (loop.total_nimg=...)
     vaebm_overrides: list[str] = field(default_factory=list)  # extra key=value overrides of stage 2
     # model selection: the energy weights with the best held-out validation log-likelihood are published (never test)
     val_points: int = 10_000  # validation draws, independent of train and test (gaussians25: stream 3*seed+2)
@@ -105,6 +105,13 @@ class Toy2DProtocol:
         unknown = [r for r in self.rows if r not in LL2D_ROWS]
         if unknown:
             raise ValueError(f"ll2d protocol: unknown rows {unknown}; choose from {sorted(LL2D_ROWS)}")
+        # the protocol decides where the stages run, read and report
+        owned = [o for o in (*self.vae_overrides, *self.vaebm_overrides)
+                 if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] in ("run", "tracking", "backbone")
+                 or o.lstrip("+~").startswith(("dataset.path", "backbone_"))]
+        if owned:
+            raise ValueError(f"ll2d protocol: {owned} set what the protocol decides (run directories, seed, tracking, "
+                             "data path, backbone); use ll2d.seed and the evaluation's tracking instead")
 
 
 # ------------------------------------------------------------------------------------------------------------- data
@@ -156,9 +163,9 @@ def _training_settings(resolved: dict[str, Any]) -> dict[str, Any]:
 
 def plan_stages(protocol: Toy2DProtocol, train: torch.Tensor, val: torch.Tensor, work_root: Path,
                 dataset_name: str) -> Stages:
-    """Compose both jobs (validated: a bad override fails here, before anything trains) and name their directories
-    <work_root>/ll2d-<key>/{data,vae,vaebm}: a rerun with the same data and settings finds the finished runs (the job
-    then does nothing) or resumes an interrupted one from its checkpoint."""
+    """Compose both jobs (validated: a bad override fails here, before anything trains) and name their directories:
+    <work_root>/ll2d-<vae key>/{data,vae} and <work_root>/ll2d-<key>/vaebm. A rerun with the same data and settings
+    finds the finished runs (the job then does nothing) or resumes an interrupted one from its checkpoint."""
     from core.training.config import compose_job
 
     digest = digest_points(torch.cat([train, val]))
@@ -172,15 +179,15 @@ def plan_stages(protocol: Toy2DProtocol, train: torch.Tensor, val: torch.Tensor,
     select = {k: getattr(protocol, k) for k in ("select_every_nimg", "val_marginal_samples", "val_grid_n",
                                                  "grid_half_width", "val_points")}
     key = _settings_key(vae_key, _training_settings(vaebm_resolved), select)
-    work = work_root / f"ll2d-{key}"
-    for config, resolved, stage in ((vae, vae_resolved, "vae"), (vaebm, vaebm_resolved, "vaebm")):
-        config.dataset.path = str(work / "data")
-        config.run.dir = str(work / stage)
+    # the data and the VAE depend on stage 1's settings only: energies of other settings share them
+    data, vae_dir, vaebm_dir = work_root / f"ll2d-{vae_key}" / "data", work_root / f"ll2d-{vae_key}" / "vae", \
+        work_root / f"ll2d-{key}" / "vaebm"
+    for config, resolved, run_dir in ((vae, vae_resolved, vae_dir), (vaebm, vaebm_resolved, vaebm_dir)):
+        config.dataset.path, config.run.dir = str(data), str(run_dir)
         resolved["dataset"]["path"], resolved["run"]["dir"] = config.dataset.path, config.run.dir
-    vaebm.backbone, vaebm.backbone_train_if_missing = str(work / "vae"), False
-    resolved_b = vaebm_resolved
-    resolved_b["backbone"], resolved_b["backbone_train_if_missing"] = vaebm.backbone, False
-    return Stages(work / "data", (vae, vae_resolved), (vaebm, vaebm_resolved), vae_key, key)
+    vaebm.backbone, vaebm.backbone_train_if_missing = str(vae_dir), False
+    vaebm_resolved["backbone"], vaebm_resolved["backbone_train_if_missing"] = vaebm.backbone, False
+    return Stages(data, (vae, vae_resolved), (vaebm, vaebm_resolved), vae_key, key)
 
 
 def write_training_split(train: torch.Tensor, out: Path, name: str) -> None:
@@ -205,7 +212,11 @@ def _run_stage(stage: tuple[Any, dict[str, Any]], tracking, parent_run_id: str |
     config.tracking = tracking or TrackingConfig(enabled=False)  # untracked unless asked
     resolved["tracking"] = dataclasses.asdict(config.tracking)
     config.validate()
-    return train_job(config, resolved, parent_run_id=parent_run_id, selection=selection)
+    run_dir = train_job(config, resolved, parent_run_id=parent_run_id, selection=selection)
+    if not (run_dir / "model" / "MLmodel").is_file():  # a time slice (run.stop_after_nimg) ended before the end
+        raise RuntimeError(f"the {config.method} stage in {run_dir} stopped before the end of training; run the same "
+                           "command again to resume it")
+    return run_dir
 
 
 def _model(run_dir: Path):
@@ -265,10 +276,13 @@ class ValidationScorer:
 
     @torch.no_grad()
     def score(self, energy: EnergyNet) -> float:
+        """Mean validation log h of `energy` wherever it lives (the job trains on a GPU when there is one, possibly
+        in bf16): points go to its device and dtype, energies come back as float64 on the CPU."""
         was_training = energy.training
         energy.eval()
-        e_grid = energy(self.grid).double().reshape(-1)
-        e_val = energy(self.val).double().reshape(-1)
+        p = next(energy.parameters(), self.grid)  # (an energy without parameters reads the CPU float32 points)
+        e_grid = energy(self.grid.to(p.device, p.dtype)).double().reshape(-1).cpu()
+        e_val = energy(self.val.to(p.device, p.dtype)).double().reshape(-1).cpu()
         energy.train(was_training)
         log_w = vaebm_log_density(self.lp_grid, e_grid)  # unnormalized log h on the grid (Eq. 4)
         log_z = float(torch.logsumexp(log_w, dim=0)) + self.log_cell
@@ -541,7 +555,8 @@ def run_ll2d(protocol: Toy2DProtocol, dataset: str = "gaussians25", cache_dir: s
     try:
         stages = plan_stages(protocol, train, val, root, name)
         info: dict[str, Any] = {"training_key": stages.key, "train_points": len(train), "val_points": len(val),
-                                "test_points": len(test), "runs": str(root / f"ll2d-{stages.key}")}
+                                "test_points": len(test),
+                                "runs": None if temporary else str(Path(stages.vaebm[0].run.dir).parent)}
         t0 = time.perf_counter()
         vae = train_vae(stages, train, name, tracking)
         info["vae_train_s"] = time.perf_counter() - t0
@@ -580,8 +595,9 @@ def format_ll2d_table(result: LL2DResult) -> str:
     if "log_vae_mass_on_grid" in result.extra:
         lines.append(f"grid coverage: log of the VAE's mass on the grid = {result.extra['log_vae_mass_on_grid']:.5f}")
     if "val_best_nimg" in result.extra:
-        lines.append(f"energy checkpoint: nimg {result.extra['val_best_nimg']} (best validation log-likelihood "
-                     f"{result.extra['val_best_log_likelihood']:.4f}; VAE {result.extra['val_vae_log_likelihood']:.4f})")
+        e = result.extra
+        lines.append(f"energy checkpoint: nimg {e['val_best_nimg']} (best validation log-likelihood "
+                     f"{e['val_best_log_likelihood']:.4f}; VAE {e['val_vae_log_likelihood']:.4f})")
     c = result.iwae_check
     lines.append(f"IWAE check on {int(c['points'])} test points: iwae = {c['iwae']:.4f}, marginal = "
                  f"{c['marginal']:.4f}, mean |diff| = {c['mean_abs_diff']:.4f}")

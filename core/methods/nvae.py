@@ -53,7 +53,7 @@ class NVAEMethodConfig:
             raise ValueError(f"optim.algorithm must be one of {sorted(OPTIMIZERS)}, got {self.optim.algorithm!r}")
         if self.arch not in ("nvae", "mlp"):
             raise ValueError(f"arch must be nvae or mlp, got {self.arch!r}")
-        if self.arch == "mlp":  # point data; the loader checks that the stored points have mlp.data_dim coordinates
+        if self.arch == "mlp":  # point data: preflight checks the stored points' dimension (points_dim)
             return
         nvae = self.nvae
         if dataset.resolution not in (None, nvae.image_size):
@@ -62,6 +62,10 @@ class NVAEMethodConfig:
             raise ValueError(f"dataset.channels={dataset.channels} but nvae.in_channels={nvae.in_channels}")
         if dataset.num_bits != nvae.num_x_bits:
             raise ValueError(f"dataset.num_bits={dataset.num_bits} but nvae.num_x_bits={nvae.num_x_bits}")
+
+    def points_dim(self) -> int | None:
+        """The dimension of the point data the model reads (`mlp.data_dim`), or None: it reads images."""
+        return self.mlp.data_dim if self.arch == "mlp" else None
 
 
 # The noise-space VAE kinds a bundle can describe: kind -> (module class, config class); the bundle stores the config

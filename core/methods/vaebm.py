@@ -118,6 +118,10 @@ class VAEBMConfig(BackboneConfig):
         if self.energy.arch != "mlp" and dataset.channels != self.energy.in_channels:
             raise ValueError(f"dataset.channels={dataset.channels} but energy.in_channels={self.energy.in_channels}")
 
+    def points_dim(self) -> int | None:
+        """The dimension of the point data the energy reads (`energy.data_dim` of the MLP), or None: images."""
+        return self.energy.data_dim if self.energy.arch == "mlp" else None
+
 
 def sir_chain_start(backbone, energy_fn: Callable[[torch.Tensor], torch.Tensor],
                     propose: Callable[[int], list[torch.Tensor]], num_chains: int, candidates: int,
@@ -273,6 +277,7 @@ class VAEBMMethod(Method):
         x_neg, eps_z, chain, replayed = self.negatives(x_pos.shape[0])
         e_pos, e_neg = net(torch.cat([x_pos, x_neg])).float().chunk(2)  # fp32 pixels into any engine dtype
         o = self.config.objective
+        # alpha_s = 0: the penalty is not computed (no power iteration; ebm/spectral reads 0)
         spectral = self.energy.spectral_penalty().float() if o.alpha_s > 0 else torch.zeros((), device=x_pos.device)
         magnitude = magnitude_weight_at(nimg / self.ctx.total_nimg, o.magnitude_weight, o.magnitude_weight_final)
         terms = vaebm_loss(e_pos, e_neg, spectral, o.alpha_s, magnitude_weight=magnitude)

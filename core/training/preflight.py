@@ -66,12 +66,20 @@ def check_data(config: JobConfig) -> DataCheck:
         stored = ds.size or BUILTIN_SETS_DEFAULT_SIZE.get(ds.name)
         num = None
     side = ds.resolution or stored
+    # Point data or images: what the model reads (a method config's `points_dim`, None or absent: images).
+    points_dim = getattr(type(config).method_config_class, "points_dim", lambda _: None)(config)
+    where = f"{directory}" if built else f"built-in {ds.name}"
+    if (kind == "points") != (points_dim is not None):
+        raise DataConfigError(f"the data does not fit the model: {where} holds {kind}, but method {config.method} "
+                              f"reads {'images' if points_dim is None else f'{points_dim}-D points'}")
+    if kind == "points" and manifest is not None and manifest.channels != points_dim:
+        raise DataConfigError(f"the data does not fit the model: {where} holds {manifest.channels}-D points, but "
+                              f"method {config.method} reads {points_dim}-D points")
     if kind == "image" and side is not None:
         probe = dataclasses.replace(ds, resolution=side)
         try:
             type(config).method_config_class.validate(config, probe)
         except (ValueError, KeyError, TypeError) as err:
-            where = f"{directory}" if built else f"built-in {ds.name}"
             raise DataConfigError(f"the data does not fit the model: {where} gives {side}x{side} images "
                                   f"({'stored' if ds.resolution is None else 'dataset.resolution'}), but "
                                   f"{err.args[0] if err.args else err}") from None
