@@ -1,20 +1,30 @@
 """A real `mlflow server` on 127.0.0.1 for integration tests.
 
-Import the fixture into a test module (``tests/`` is on ``sys.path`` under pytest's default import mode):
+tests/conftest.py provides the session's shared server as the `mlflow_server` fixture: every test module that asks
+for `mlflow_server` without importing it gets that one server (launched in the background as soon as collection finds
+a user, so its cold start overlaps the first tests). Modules sharing it keep to their own experiment and model names
+and leave it running (a module that stops it to simulate an outage starts it again, and the fixture starts it again
+for each module anyway).
 
-    from mlflow_server import mlflow_server  # noqa: F401  (pytest fixture)
+A module whose assertions need a registry no other module has written to (e.g. the quickstart's `nvae-digits`
+registered exactly once, or not at all) imports a private, module-scoped server instead:
+
+    from mlflow_server import mlflow_server, mlflow_server_early  # noqa: F401  (pytest fixtures)
 
     def test_x(mlflow_server):
         client = MlflowClient(mlflow_server.uri)
         mlflow_server.stop()    # simulate an outage (the process is killed, the port refuses connections)
         mlflow_server.start()   # same port, same sqlite store and artifact directory
 
+(`mlflow_server_early` is autouse: it launches the module's server in the background when the module's first test
+starts, if any selected test of the module uses it, and the first user waits for it to be healthy.)
+
 Artifacts are proxied (``--serve-artifacts`` with ``--artifacts-destination``) so clients upload over HTTP like
 they would to the cluster's MLflow service; a stopped server therefore also blocks artifact uploads.
 
 A cold start takes 10-25 s on a loaded 2-core machine (schema migration + importing the FastAPI app twice), a
-restart on an existing store roughly half that, so the fixture is module-scoped: tests share one server and
-must leave it running (``start()`` is a no-op when it already is).
+restart on an existing store roughly half that, so servers are shared as widely as the tests allow: tests share one
+server and must leave it running (``start()`` is a no-op when it already is).
 """
 from __future__ import annotations
 
@@ -54,7 +64,8 @@ class MlflowServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    def launch(self) -> None:
+        """Start the server process without waiting for it; start() waits until it answers."""
         if self.running:
             return
         mlflow_cli = Path(sys.executable).with_name("mlflow")
@@ -72,6 +83,10 @@ class MlflowServer:
         # Own process group: `mlflow server` forks uvicorn, and stop() must take both down.
         self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
+
+    def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        """Launch the server unless it runs, and wait until it answers (at once when it already does)."""
+        self.launch()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -111,11 +126,33 @@ class MlflowServer:
             return ""
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def _module_uses(request, fixture: str) -> bool:
+    return any(item.module is request.module and fixture in item.fixturenames for item in request.session.items)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_server_early(request, tmp_path_factory):
+    """The module's private server, launched (not waited for) when the module's first test starts, so its cold start
+    overlaps the tests that come before its first user; None when no selected test of the module uses it."""
+    if not _module_uses(request, "mlflow_server"):
+        yield None
+        return
     server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
-    server.start()
+    server.launch()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(request, tmp_path_factory):
+    """A private server for one module (the session's shared one is tests/conftest.py's `mlflow_server`)."""
+    early = request.getfixturevalue("mlflow_server_early") if "mlflow_server_early" in request.fixturenames else None
+    server = early or MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        if early is None:
+            server.stop()

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -203,11 +204,17 @@ def test_toy2d_points_stored_exactly(tmp_path):
 
 def test_prepare_data_cli_errors_are_one_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for args, needle in ((["source=digits", f"out={tmp_path}/x", "size=abc"], "could not be converted"),
-                         (["source=nope", f"out={tmp_path}/x"], "neither a built-in set"),
-                         (["source=digits"], "out is required")):
-        r = subprocess.run([sys.executable, str(REPO / "launchers" / "prepare_data.py"), *args],
-                           capture_output=True, text=True, env=env)
+    cases = ((["source=digits", f"out={tmp_path}/x", "size=abc"], "could not be converted"),
+             (["source=nope", f"out={tmp_path}/x"], "neither a built-in set"),
+             (["source=digits"], "out is required"))
+
+    def launch(args: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "launchers" / "prepare_data.py"), *args],
+                              capture_output=True, text=True, env=env)
+
+    with ThreadPoolExecutor(2) as pool:  # separate processes as before, two at a time (one per core)
+        procs = list(pool.map(launch, [args for args, _ in cases]))
+    for (_, needle), r in zip(cases, procs):
         assert r.returncode == 2, r.stderr
         assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 

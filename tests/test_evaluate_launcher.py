@@ -5,12 +5,12 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from core.evaluation.jobs import EvaluateConfig
-from mlflow_server import mlflow_server  # noqa: F401  (pytest fixture)
 from test_evaluation_fid import _write_standin_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def _run(script: str, args: list[str], env: dict, cwd: Path, check: bool = True)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, mlflow_server):  # noqa: F811
+def trained(tmp_path_factory, mlflow_server):
     """A tiny NVAE and VAEBM, registered in the test MLflow server (vaebm-digits)."""
     tmp = tmp_path_factory.mktemp("evaluate")
     env = _env(tmp)
@@ -51,11 +51,46 @@ def trained(tmp_path_factory, mlflow_server):  # noqa: F811
     return tmp, env, mlflow_server
 
 
-def test_iwae_of_the_backbone_on_held_out_images(trained):
+FID_ARGS = ["metric=fid", "dataset=digits", "dataset.size=16", "fid_samples=8", "fid_reference_samples=16",
+            "batch_size=4", "tracking.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def evaluations(trained):
+    """name -> finished `evaluate.py` process. Each launch is its own process as before, run two at a time (one per
+    core): iwae then ood, and beside them fid then fid with the weights missing (after the reference statistics are
+    cached, as before)."""
+    tmp, env, server = trained
+    weights = tmp / "standin_inception.pth"
+    digest = _write_standin_weights(weights)
+    fid = [*FID_ARGS, f"model={tmp}/vaebm", f"fid_cache_dir={tmp}/fidcache", f"out={tmp}/eval_fid"]
+    launches = {
+        "iwae": ["metric=iwae", f"model={tmp}/nvae", "dataset=digits", "dataset.size=16", "eval_samples=8",
+                 "batch_size=4", "iwae_samples=4", "iwae_chunk=2", "tracking.enabled=false", f"out={tmp}/eval_iwae"],
+        "ood": ["metric=ood", "model=models:/vaebm-digits@latest", "dataset=digits", "dataset.size=16",
+                "eval_samples=8", "batch_size=4", "ood_iwae_samples=2", "iwae_chunk=2",
+                "ood_sets=[noise,inverted,interpolation,faces25]", f"tracking.tracking_uri={server.uri}",
+                f"out={tmp}/eval_ood"],
+        "fid": [*fid, f"inception.weights_path={weights}", f"inception.expected_sha256={digest}"],
+        "fid_missing": [*fid, f"inception.weights_path={tmp}/nowhere"],
+    }
+
+    def chain(names: tuple[str, ...]) -> dict[str, subprocess.CompletedProcess]:
+        return {name: _run("evaluate.py", launches[name], env, tmp, check=False) for name in names}
+
+    with ThreadPoolExecutor(2) as pool:
+        done = [f.result() for f in [pool.submit(chain, ("fid", "fid_missing")), pool.submit(chain, ("iwae", "ood"))]]
+    return {**done[0], **done[1]}
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"evaluate.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_iwae_of_the_backbone_on_held_out_images(trained, evaluations):
     tmp, env, _ = trained
-    proc = _run("evaluate.py", ["metric=iwae", f"model={tmp}/nvae", "dataset=digits", "dataset.size=16",
-                                "eval_samples=8", "batch_size=4", "iwae_samples=4", "iwae_chunk=2",
-                                "tracking.enabled=false", f"out={tmp}/eval_iwae"], env, tmp)
+    proc = _ok(evaluations["iwae"])
     report = json.loads((tmp / "eval_iwae" / "evaluate_iwae.json").read_text())
     row = report["rows"][0]
     assert row["images"] == 8 and row["K"] == 4 and row["model"] == "nvae"
@@ -66,14 +101,11 @@ def test_iwae_of_the_backbone_on_held_out_images(trained):
     assert (tmp / "eval_iwae" / "evaluate_iwae.md").read_text().count("|") > 10
 
 
-def test_ood_of_the_registered_vaebm_lands_in_mlflow(trained):
+def test_ood_of_the_registered_vaebm_lands_in_mlflow(trained, evaluations):
     from mlflow import MlflowClient
 
     tmp, env, server = trained
-    proc = _run("evaluate.py", ["metric=ood", "model=models:/vaebm-digits@latest", "dataset=digits",
-                                "dataset.size=16", "eval_samples=8", "batch_size=4", "ood_iwae_samples=2",
-                                "iwae_chunk=2", "ood_sets=[noise,inverted,interpolation,faces25]",
-                                f"tracking.tracking_uri={server.uri}", f"out={tmp}/eval_ood"], env, tmp)
+    proc = _ok(evaluations["ood"])
     report = json.loads((tmp / "eval_ood" / "evaluate_ood.json").read_text())
     sets = {r["ood_set"]: r for r in report["rows"]}
     assert set(sets) == {"noise", "inverted", "interpolation", "faces25"}
@@ -100,20 +132,15 @@ def test_ood_of_the_registered_vaebm_lands_in_mlflow(trained):
     assert run.info.status == "FINISHED"
 
 
-def test_fid_with_standin_weights_and_missing_weights(trained):
+def test_fid_with_standin_weights_and_missing_weights(trained, evaluations):
     tmp, env, _ = trained
-    weights = tmp / "standin_inception.pth"
-    digest = _write_standin_weights(weights)
-    args = ["metric=fid", f"model={tmp}/vaebm", "dataset=digits", "dataset.size=16", "fid_samples=8",
-            "fid_reference_samples=16", "batch_size=4", "tracking.enabled=false", f"fid_cache_dir={tmp}/fidcache",
-            f"out={tmp}/eval_fid"]
-    _run("evaluate.py", [*args, f"inception.weights_path={weights}", f"inception.expected_sha256={digest}"], env, tmp)
+    _ok(evaluations["fid"])
     report = json.loads((tmp / "eval_fid" / "evaluate_fid.json").read_text())
     row = report["rows"][0]
     assert row["model"] == "vaebm" and row["samples"] == 8 and row["reference_images"] == 16 and row["fid"] > 0
     assert len(list((tmp / "fidcache").glob("fid_reference_*.npz"))) == 1
 
-    missing = _run("evaluate.py", [*args, f"inception.weights_path={tmp}/nowhere"], env, tmp, check=False)
+    missing = evaluations["fid_missing"]
     assert missing.returncode != 0
     assert "pt_inception-2015-12-05-6726825d.pth" in missing.stderr
 

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -339,21 +340,50 @@ def _lookup(tree, dotted: str):
     return tree
 
 
-@needs_kubectl
-@pytest.mark.parametrize("name", ["train_nvae", "train_vaebm", "sample", "evaluate"])
-def test_manifest_commands_pass_the_launchers_dry_run(rendered, name):
-    invocations = _by_launcher(rendered, name)
+def _dry_runnable(name: str) -> str | None:
+    """Why launchers/<name>.py cannot be dry-run yet, or None."""
     if not (REPO / "launchers" / f"{name}.py").exists():
-        pytest.skip(f"launchers/{name}.py does not exist yet: its manifest command is checked once it does")
+        return f"launchers/{name}.py does not exist yet: its manifest command is checked once it does"
     conf = "train" if name.startswith("train") else name  # every training launcher composes conf/train.yaml
     if not (REPO / "conf" / f"{conf}.yaml").exists():
-        pytest.skip(f"launchers/{name}.py has no Hydra config (conf/{conf}.yaml) with dry_run=true yet")
-    unique = {(tuple(i["args"]), i["env"].get("VAEBM_DATA")): i for i in invocations}
-    for inv in unique.values():
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "VAEBM_DATA": inv["env"]["VAEBM_DATA"],
-               "MLFLOW_TRACKING_URI": "", "RANK": "0"}
-        proc = subprocess.run([sys.executable, f"launchers/{name}.py", *inv["args"], "dry_run=true"], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=120)
+        return f"launchers/{name}.py has no Hydra config (conf/{conf}.yaml) with dry_run=true yet"
+    return None
+
+
+def _dry_run(name: str, inv: dict) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VAEBM_DATA": inv["env"]["VAEBM_DATA"],
+           "MLFLOW_TRACKING_URI": "", "RANK": "0"}
+    return subprocess.run([sys.executable, f"launchers/{name}.py", *inv["args"], "dry_run=true"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def dry_runs(request, rendered) -> dict[str, list[tuple[dict, subprocess.CompletedProcess]]]:
+    """launcher name -> (invocation, its dry run) for each distinct manifest command of the selected launchers that
+    can be dry-run: each its own launcher process as before, two at a time (one per core)."""
+    names = [item.callspec.params["name"] for item in request.session.items
+             if item.module is request.module and "dry_runs" in item.fixturenames]
+    jobs = []
+    for name in dict.fromkeys(names):
+        if _dry_runnable(name) is None:  # (a launcher without manifest commands fails its own test, not this fixture)
+            invocations = [i for i in launcher_invocations(rendered) if i["launcher"] == name]
+            unique = {(tuple(i["args"]), i["env"].get("VAEBM_DATA")): i for i in invocations}
+            jobs += [(name, inv) for inv in unique.values()]
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda job: _dry_run(*job), jobs))
+    out: dict[str, list] = {}
+    for (name, inv), proc in zip(jobs, procs):
+        out.setdefault(name, []).append((inv, proc))
+    return out
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", ["train_nvae", "train_vaebm", "sample", "evaluate"])
+def test_manifest_commands_pass_the_launchers_dry_run(rendered, dry_runs, name):
+    _by_launcher(rendered, name)
+    if (reason := _dry_runnable(name)) is not None:
+        pytest.skip(reason)
+    for inv, proc in dry_runs[name]:
         assert proc.returncode == 0, (f"{inv['where']} ({inv['overlay']}) runs launchers/{name}.py {inv['args']}, "
                                       f"which the launcher rejects:\n{proc.stderr[-3000:]}")
         resolved = yaml.safe_load(proc.stdout.split("\n\n")[0])

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,33 @@ def _lint(root: Path) -> tuple[int, str]:
     return proc.returncode, " ".join((proc.stdout + proc.stderr).split())
 
 
-def test_layer_contracts_hold():
-    code, out = _lint(ROOT)
+def _planted_copy(root: Path, path: str, statement: str) -> Path:
+    """A copy of the packages under `root` with `statement` appended to `path` (the planted violation)."""
+    for pkg in PACKAGES:
+        shutil.copytree(ROOT / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
+    target = root / path
+    target.write_text(target.read_text() + f"\n{statement}  # planted violation\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def lints(request, tmp_path_factory) -> dict[tuple[str, str] | None, tuple[int, str]]:
+    """None -> _lint of the code base; (path, statement) -> _lint of a copy with that import planted; for the selected
+    tests. Each is its own lint-imports process as before, run two at a time (one per core)."""
+    keys = []
+    for item in request.session.items:
+        if item.module is request.module and "lints" in item.fixturenames:
+            params = getattr(item, "callspec", None)
+            keys.append(None if params is None else (params.params["path"], params.params["statement"]))
+    roots = {key: ROOT if key is None else _planted_copy(tmp_path_factory.mktemp("planted"), *key)
+             for key in dict.fromkeys(keys)}
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(roots, pool.map(_lint, roots.values())))
+
+
+def test_layer_contracts_hold(lints):
+    code, out = lints[None]
     assert code == 0, out
     for name in CONTRACTS.values():
         assert f"{name} KEPT" in out, out
@@ -47,13 +73,8 @@ PLANTS = [
 
 
 @pytest.mark.parametrize("path,statement,contract", PLANTS, ids=[f"{c}:{p}" for p, _, c in PLANTS])
-def test_a_planted_forbidden_import_breaks_its_contract(tmp_path, path, statement, contract):
-    for pkg in PACKAGES:
-        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    target = tmp_path / path
-    target.write_text(target.read_text() + f"\n{statement}  # planted violation\n")
-    code, out = _lint(tmp_path)
+def test_a_planted_forbidden_import_breaks_its_contract(lints, path, statement, contract):
+    code, out = lints[(path, statement)]
     assert code != 0, out
     assert f"{CONTRACTS[contract]} BROKEN" in out, out
     module = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")

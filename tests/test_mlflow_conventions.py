@@ -24,7 +24,6 @@ from PIL import Image
 
 from core.tracking import Tracker, TrackingConfig, read_model_dir
 from launch import ROOT, launch_env
-from mlflow_server import mlflow_server  # noqa: F401  (module-scoped pytest fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +50,7 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained(mlflow_server, tmp_path_factory) -> Trained:  # noqa: F811
+def trained(mlflow_server, tmp_path_factory) -> Trained:
     tmp = tmp_path_factory.mktemp("conventions")
     run_dir = tmp / "vaebm"
     env = {**launch_env(tmp, mlflow_server.uri), "VAEBM_USER": USER}
@@ -109,7 +108,7 @@ def test_training_logs_sample_grids_as_images_with_steps(trained, tmp_path):
     assert keys == {re.sub(r"^nimg-\d+-|\.png$", "", n) for n in local}
 
 
-def test_log_images_keeps_step_and_content(mlflow_server, tmp_path):  # noqa: F811
+def test_log_images_keeps_step_and_content(mlflow_server, tmp_path):
     cfg = TrackingConfig(tracking_uri=mlflow_server.uri, experiment="images", request_timeout_s=3.0,
                          retry_interval_s=0.3, system_metrics=False)
     grid = tmp_path / "nimg-000000000064-t0.7.png"

@@ -14,7 +14,6 @@ import torch
 from mlflow import MlflowClient
 
 from core.tracking import Tracker, TrackingConfig, load_registered_model, resolve_tracking_uri
-from mlflow_server import mlflow_server  # noqa: F401  (module-scoped pytest fixture)
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,6 @@ from mlflow import MlflowClient
 
 from core.tracking import (ModelNotFoundError, Tracker, TrackingConfig, TrackingUnavailableError,
                            load_registered_model, write_model_dir)
-from mlflow_server import mlflow_server  # noqa: F401  (module-scoped pytest fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +41,7 @@ def _closed_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def registered(mlflow_server, tmp_path_factory):  # noqa: F811
+def registered(mlflow_server, tmp_path_factory):
     """Versions 1 and 2 of NAME, logged through Tracker; alias 'champion' points at version 1."""
     cfg = TrackingConfig(tracking_uri=mlflow_server.uri, experiment="registry", request_timeout_s=3.0,
                          retry_interval_s=0.3)
@@ -70,13 +69,13 @@ def no_global_uri(monkeypatch, tmp_path):
 @pytest.mark.parametrize("ref, version", [
     ("@latest", 2), ("/latest", 2), ("/2", 2), ("/1", 1), ("@champion", 1),
 ])
-def test_models_uris_resolve_to_the_right_version(mlflow_server, registered, no_global_uri, ref, version):  # noqa: F811
+def test_models_uris_resolve_to_the_right_version(mlflow_server, registered, no_global_uri, ref, version):
     config, state = load_registered_model(f"models:/{NAME}{ref}", tracking_uri=mlflow_server.uri)
     assert config == {"version": version}
     _assert_same(state, _state_dict(version))
 
 
-def test_runs_uri_of_a_registered_version(mlflow_server, registered, no_global_uri):  # noqa: F811
+def test_runs_uri_of_a_registered_version(mlflow_server, registered, no_global_uri):
     mv = registered.get_model_version(NAME, "1")
     assert mv.source.startswith(f"runs:/{mv.run_id}/")
     config, state = load_registered_model(mv.source, tracking_uri=mlflow_server.uri)
@@ -89,12 +88,12 @@ def test_runs_uri_of_a_registered_version(mlflow_server, registered, no_global_u
     f"models:/{NAME}/99", f"models:/{NAME}@nope", "models:/nvae-no-versions/latest", "models:/nvae-no-versions@latest",
     "runs:/0123456789abcdef0123456789abcdef/model",
 ])
-def test_missing_model_version_alias_or_run(mlflow_server, registered, no_global_uri, uri):  # noqa: F811
+def test_missing_model_version_alias_or_run(mlflow_server, registered, no_global_uri, uri):
     with pytest.raises(ModelNotFoundError, match=re.escape(uri)):
         load_registered_model(uri, tracking_uri=mlflow_server.uri)
 
 
-def test_missing_artifact_path_of_an_existing_run(mlflow_server, registered, no_global_uri):  # noqa: F811
+def test_missing_artifact_path_of_an_existing_run(mlflow_server, registered, no_global_uri):
     run_id = registered.get_model_version(NAME, "1").run_id
     with pytest.raises(ModelNotFoundError):
         load_registered_model(f"runs:/{run_id}/no/such/model", tracking_uri=mlflow_server.uri)
@@ -171,7 +170,7 @@ def test_http_errors_that_are_not_an_mlflow_answer(status, attempts):
     assert handler.requests == attempts
 
 
-def test_stopped_server(mlflow_server, registered, no_global_uri):  # noqa: F811
+def test_stopped_server(mlflow_server, registered, no_global_uri):
     uri = f"models:/{NAME}@latest"
     _assert_same(load_registered_model(uri, tracking_uri=mlflow_server.uri)[1], _state_dict(2))
     mlflow_server.stop()
@@ -182,6 +181,6 @@ def test_stopped_server(mlflow_server, registered, no_global_uri):  # noqa: F811
         assert time.monotonic() - t < 30
         assert not isinstance(err.value, LookupError)
     finally:
-        mlflow_server.start()  # the fixture is shared by the whole module
+        mlflow_server.start()  # the server is shared by the whole session
     config, _ = load_registered_model(uri, tracking_uri=mlflow_server.uri, dst=Path.cwd() / "m")
     assert config == {"version": 2} and (Path.cwd() / "m" / "config.json").is_file()

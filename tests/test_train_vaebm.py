@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow_server import mlflow_server  # noqa: F401  (pytest fixture)
+# A private server: the main job must find no `nvae-digits` registered (it trains its backbone first).
+from mlflow_server import mlflow_server, mlflow_server_early  # noqa: F401  (pytest fixtures)
 from launch import ROOT, deepspeed, finish, launch_env
 from test_train_nvae import SMALL
 
