@@ -20,9 +20,9 @@ def save_grid(x: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
     return path
 
 
-def save_points(x: torch.Tensor, path: Path, title: str, limit: float | None = None) -> Path:
+def save_points(x: torch.Tensor, path: Path, title: str) -> Path:
     """Samples of a 2-D model as a scatter plot (point data has no image grid); the first two coordinates are
-    shown. `limit`: the axes span [-limit, limit] (None: fitted to the points)."""
+    shown, the axes fitted to the points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,9 +33,6 @@ def save_points(x: torch.Tensor, path: Path, title: str, limit: float | None = N
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
     ax.scatter(pts[:, 0].numpy(), pts[:, 1].numpy() if pts.shape[1] > 1 else torch.zeros(len(pts)).numpy(),
                s=2, alpha=0.5, label=f"{len(pts)} samples")
-    if limit is not None:
-        ax.set_xlim(-limit, limit)
-        ax.set_ylim(-limit, limit)
     ax.set_aspect("equal")
     return finish_figure(fig, ax, title, path)
 

@@ -10,12 +10,13 @@ a cache of trained networks); it imports nothing of toy2d, so row modules and to
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from core.training.selection import BestWeights
 
 
 @dataclass
@@ -70,29 +71,9 @@ class LL2DContext:
         return self.cache_dir / f"ll2d-{self.training_key}-{name}.pt"
 
 
-class BestState:
-    """Model selection on validation points: the weights with the highest finite score so far (test points never
-    choose). `consider` after each evaluation, `restore` at the end of training."""
-
-    def __init__(self) -> None:
-        self.score = -math.inf  # best validation score so far
-        self.step = -1  # the step it was reached at (-1: none yet)
-        self.state: dict[str, torch.Tensor] | None = None
-        self.history: list[tuple[int, float]] = []  # (step, score) of every evaluation
-
-    def consider(self, step: int, score: float, module: torch.nn.Module) -> bool:
-        """Record `score` at `step`; keep a copy of `module`'s weights if it is the best finite one. True if kept."""
-        self.history.append((step, score))
-        if math.isfinite(score) and score > self.score:
-            self.score, self.step = score, step
-            self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-            return True
-        return False
-
-    def restore(self, module: torch.nn.Module) -> None:
-        """Load the best weights into `module` (no-op when nothing finite was seen)."""
-        if self.state is not None:
-            module.load_state_dict(self.state)
+class BestState(BestWeights):
+    """Model selection of a row on validation points (test points never choose): the job's best-keeping rule
+    (core.training.selection.BestWeights, `step` = the row's training step), summarized under the rows' names."""
 
     def summary(self) -> dict[str, float]:
         return {"val_best_log_likelihood": self.score, "val_best_step": float(self.step)}

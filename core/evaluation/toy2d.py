@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import shutil
 import tempfile
@@ -50,8 +49,6 @@ from core.evaluation.ll2d_seam import LL2DContext, LL2DRow
 from core.models.energy import EnergyNet
 from core.models.mlp_vae import MLPVAE
 from core.tracking import TrackingConfig
-
-log = logging.getLogger("vaebm.evaluation.toy2d")
 
 TRUE_GAUSSIANS25_LL = gaussians25_expected_log_likelihood()  # -1.4516 nats (sigma = 0.1)
 GAUSSIANS25_NAMES = ("gaussians25", "25gaussians", "toy2d")  # dataset names of the analytic 25-Gaussians split
@@ -220,11 +217,10 @@ def _run_stage(stage: tuple[Any, dict[str, Any]], tracking, parent_run_id: str |
 
 
 def _model(run_dir: Path):
-    from core.methods import build_model
-    from core.training.checkpoint import read_model
+    """The model a stage published (built on the CPU, frozen)."""
+    from core.evaluation.sampling import load_trained_model
 
-    bundle, weights = read_model(str(run_dir), None)
-    return build_model(bundle, weights, torch.device("cpu"))
+    return load_trained_model(str(run_dir), torch.device("cpu"), None)
 
 
 def train_vae(stages: Stages, train: torch.Tensor, dataset_name: str, tracking=None) -> MLPVAE:

@@ -201,15 +201,15 @@ def train(config: JobConfig, resolved: dict[str, Any], overrides: list[str] | No
 def _publish_selection(selection: ModelSelection, module: torch.nn.Module, run_dir: Path, tracker: Tracker,
                        info: vdist.DistInfo) -> None:
     """End of training with model selection: the best-scoring weights replace the last ones before export."""
-    restored = selection.restore(module)
+    restored = selection.best.restore(module)
     if info.is_rank0:
         summary = selection.summary()
         (run_dir / SELECTION_FILE).write_text(json.dumps(summary, indent=1))
         tracker.log_artifact(run_dir / SELECTION_FILE)
-        tracker.set_tags({"selection.best_nimg": str(selection.best_nimg)})
+        tracker.set_tags({"selection.best_nimg": str(selection.best.step)})
         if restored:
             log.info("model selection: publishing the weights of nimg=%d (score %.5g; %d scores)",
-                     selection.best_nimg, selection.best_score, len(selection.history))
+                     selection.best.step, selection.best.score, len(selection.best.history))
         else:
             log.warning("model selection: no finite score during training; publishing the last weights")
 

@@ -166,8 +166,8 @@ def run_loop(method, engine, data: Iterator[dict[str, Any]], loop: LoopConfig, p
                 value = selection.consider(engine.module, state.cur_nimg)
                 if info.is_rank0:
                     log.info("selection score at nimg=%d: %.5g (best %.5g at nimg=%d)", state.cur_nimg, value,
-                             selection.best_score, selection.best_nimg)
-                    tracker.log_metrics({"selection/score": value, "selection/best_score": selection.best_score},
+                             selection.best.score, selection.best.step)
+                    tracker.log_metrics({"selection/score": value, "selection/best_score": selection.best.score},
                                         step=state.cur_nimg)
 
             # 3. checkpoint

@@ -15,19 +15,44 @@ from typing import Any, Callable
 import torch
 
 
+class BestWeights:
+    """The weights with the highest finite score so far (higher is better): `consider` after each score, `restore`
+    at the end. The one best-keeping rule of the job's model selection and of the 2-D protocol's rows."""
+
+    def __init__(self) -> None:
+        self.score = -math.inf  # best finite score so far
+        self.step = -1  # where it was reached (images seen for the job, a step for the rows; -1: none yet)
+        self.history: list[list[float]] = []  # [step, score] of every score
+        self.weights: dict[str, torch.Tensor] | None = None  # the best weights (CPU copies)
+
+    def consider(self, step: int, score: float, module: torch.nn.Module) -> bool:
+        """Record `score` at `step`; keep a copy of `module`'s weights if it is the best finite one. True if kept."""
+        self.history.append([step, score])
+        if math.isfinite(score) and score > self.score:
+            self.score, self.step = score, step
+            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+            return True
+        return False
+
+    def restore(self, module: torch.nn.Module) -> bool:
+        """Load the best weights into `module`; False (module untouched) when no finite score was seen."""
+        if self.weights is None:
+            return False
+        module.load_state_dict(self.weights, strict=True)
+        return True
+
+
 class ModelSelection:
-    """Keeps the trained module's best-scoring weights. Checkpointed by the job under the name `selection`."""
+    """Scores the trained module at an interval and keeps its best weights (`best`). Checkpointed by the job under
+    the name `selection`."""
 
     def __init__(self, score: Callable[[torch.nn.Module], float], every_nimg: int):
         if every_nimg <= 0:
             raise ValueError(f"model selection needs every_nimg > 0, got {every_nimg}")
         self.score_fn = score  # module -> held-out score (higher is better); NaN/inf never selected
         self.every_nimg = every_nimg  # images between scores (and one at the end of training)
-        self.best_score = -math.inf  # best finite score so far
-        self.best_nimg = -1  # images seen when it was reached (-1: none yet)
+        self.best = BestWeights()  # step = images seen
         self.last_nimg = 0  # images seen at the last score
-        self.history: list[list[float]] = []  # [nimg, score] of every score
-        self.weights: dict[str, torch.Tensor] | None = None  # the best weights (CPU copies)
 
     def due(self, cur_nimg: int, finished: bool) -> bool:
         """A score is due when an interval boundary was crossed since the last one, or at the end of training."""
@@ -45,31 +70,21 @@ class ModelSelection:
         finally:
             module.train(was_training)
         self.last_nimg = cur_nimg
-        self.history.append([float(cur_nimg), value])
-        if math.isfinite(value) and value > self.best_score:
-            self.best_score, self.best_nimg = value, cur_nimg
-            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        self.best.consider(cur_nimg, value, module)
         return value
-
-    def restore(self, module: torch.nn.Module) -> bool:
-        """Load the best weights into `module`; False (module untouched) when no finite score was seen."""
-        if self.weights is None:
-            return False
-        module.load_state_dict(self.weights, strict=True)
-        return True
 
     def summary(self) -> dict[str, Any]:
         """What the run records about the choice (selection.json, MLflow)."""
-        return {"best_score": self.best_score, "best_nimg": self.best_nimg, "every_nimg": self.every_nimg,
-                "history": self.history}
+        return {"best_score": self.best.score, "best_nimg": self.best.step, "every_nimg": self.every_nimg,
+                "history": self.best.history}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_score": self.best_score, "best_nimg": self.best_nimg, "last_nimg": self.last_nimg,
-                "history": self.history, "weights": self.weights}
+        b = self.best
+        return {"best_score": b.score, "best_nimg": b.step, "last_nimg": self.last_nimg, "history": b.history,
+                "weights": b.weights}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best_score = float(state["best_score"])
-        self.best_nimg = int(state["best_nimg"])
+        b = self.best
+        b.score, b.step = float(state["best_score"]), int(state["best_nimg"])
+        b.history, b.weights = [list(h) for h in state["history"]], state["weights"]
         self.last_nimg = int(state["last_nimg"])
-        self.history = [list(h) for h in state["history"]]
-        self.weights = state["weights"]
