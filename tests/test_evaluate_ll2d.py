@@ -2,6 +2,7 @@
 analytic `true` row, grid log Z vs Monte Carlo, the marginal-mixture estimator vs a direct sum and vs IWAE, the
 job's validation model selection (published weights, resume), the preset's per-layer energy init, and the VAEBM
 method's negative phase (SIR starts) against the exact E_h[E]."""
+import json
 import math
 import subprocess
 import sys
@@ -19,7 +20,9 @@ from core.methods.base import MethodContext
 from core.methods.vaebm import VAEBMConfig, VAEBMMethod
 from core.models.energy import EnergyNet, EnergyNetConfig, data_dependent_init
 from core.sampling.langevin import LangevinConfig
+from core.evaluation.toy2d import _model
 from core.training.config import compose_job
+from core.training.selection import ModelSelection
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUE_LL = -1.4516  # E_p[log p] of the sigma=0.1 25-Gaussians mixture (the paper's -1.10 is inconsistent with it)
@@ -110,6 +113,53 @@ def test_a_resumed_energy_run_selects_exactly_as_an_uninterrupted_one(short_resu
 
     ref = build_model(*read_model(str(Path(info["runs"]) / "vaebm"), None), torch.device("cpu")).energy_net
     assert all(torch.equal(a, b) for a, b in zip(energy.state_dict().values(), ref.state_dict().values()))
+
+
+def test_the_job_publishes_the_selected_weights_not_the_last(short_result, tmp_path):
+    """A stage-2 job with a selection whose scores peak at the middle of three (1, 3, 2 at 160, 320, 480 points):
+    the published energy holds the weights scored at 320 exactly, which differ from the last ones."""
+    from core.evaluation.toy2d import _run_stage
+    from core.training.selection import ModelSelection
+
+    (_, _), cache = short_result
+    proto = Toy2DProtocol(**SHORT)
+    train, val, _ = gaussians25_split(proto)
+    stages = plan_stages(proto, train, val, Path(cache), "ll2d-gaussians25")  # stage 1: short_result's finished run
+    stages.vaebm[0].run.dir = str(tmp_path / "vaebm")
+    scores, snapshots = iter([1.0, 3.0, 2.0]), []
+
+    def score(module: torch.nn.Module) -> float:
+        snapshots.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+        return next(scores)
+
+    selection = ModelSelection(score, every_nimg=160)
+    run_dir = _run_stage(stages.vaebm, None, selection=selection)
+    assert [h[0] for h in selection.best.history] == [160, 320, 480] and selection.best.step == 320
+    published = _model(run_dir).energy_net.state_dict()
+    assert all(torch.equal(published[k], snapshots[1][k]) for k in published)
+    assert not all(torch.equal(published[k], snapshots[2][k]) for k in published)
+    assert json.loads((run_dir / "selection.json").read_text())["best_nimg"] == 320
+
+
+def test_model_selection_is_due_at_intervals_and_the_end_and_survives_a_checkpoint(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    values = iter([0.5, float("nan"), 2.0, 1.0])
+    sel = ModelSelection(lambda m: next(values), every_nimg=100)
+    assert not sel.due(64, finished=False) and sel.due(128, finished=False)
+    for nimg, w in ((128, 1.0), (256, 2.0), (300, 3.0)):
+        with torch.no_grad():
+            net.weight.fill_(w)
+        sel.consider(net, nimg)
+    assert not sel.due(320, finished=False) and sel.due(320, finished=True) and not sel.due(300, finished=True)
+    assert (sel.best.step, sel.best.score) == (300, 2.0)  # the NaN at 256 is never chosen
+    torch.save(sel.state_dict(), tmp_path / "sel.pt")
+    again = ModelSelection(lambda m: 0.0, every_nimg=100)
+    again.load_state_dict(torch.load(tmp_path / "sel.pt", weights_only=True))  # plain data and tensors only
+    assert repr(again.summary()) == repr(sel.summary()) and again.last_nimg == 300  # repr: nan == nan
+    with torch.no_grad():
+        net.weight.fill_(9.0)  # trained on after the best score
+    assert again.best.restore(net)
+    assert torch.equal(net.weight, torch.full((1, 2), 3.0))
 
 
 def test_mixture_log_density_matches_a_direct_sum():
